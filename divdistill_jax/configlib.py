@@ -1,0 +1,277 @@
+"""Shared configuration: the base ConfigDict every config file starts from.
+
+Config files in `configs/` call `base_config()`, fill in their paper setting
+and then `apply_variants(config, arg)` for `--config=file.py:VARIANTS`, e.g.
+`configs/cifar100_wrn28x10.py:confods,smoke`.
+
+Variants:
+  teachers                 job = teachers (train the DE-M teachers).
+  kd, gaussian, ods,
+  confods, disagreement    job = distill with that perturbation ("kd" = none).
+  pipeline                 teachers, every method of pipeline.methods, table.
+  evaluate                 the table from an existing pipeline workdir.
+  smoke                    tiny model, tiny data, a few steps (tests, CI).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+JOBS = ("teachers", "distill", "evaluate", "pipeline")
+METHODS = ("kd", "gaussian", "ods", "confods", "disagreement")
+# Config method name -> perturbation function name in `perturb.py`.
+PERTURBATION_OF_METHOD = {
+    "kd": "none",
+    "gaussian": "gaussian",
+    "ods": "ods",
+    "confods": "confods",
+    "disagreement": "disagreement",
+}
+METHOD_LABELS = {
+    "kd": "KD",
+    "gaussian": "KD+Gaussian",
+    "ods": "KD+ODS",
+    "confods": "KD+ConfODS",
+    "disagreement": "KD+Disagreement",
+}
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+  """Optimiser and schedule fields (PAPER_SPEC 6.3-6.5)."""
+  c = ml_collections.ConfigDict()
+  c.learning_rate = 0.1  # Base LR of the default group (slow weights).
+  c.fast_learning_rate = 0.05  # LR of BatchEnsemble fast weights r, s.
+  c.weight_decay = 5e-4  # Coupled L2 on every non-fast parameter.
+  c.fast_weight_decay = 0.0
+  c.momentum = 0.9
+  c.nesterov = False
+  c.schedule = "warmup_linear"  # 'warmup_linear' | 'cosine' | 'constant'.
+  # WarmupLinearDecay milestones in epochs (m0, m1, m2), 1-indexed epochs.
+  c.milestones = (5, 150, 270)
+  c.warmup_factor = 0.01
+  c.final_factor = 0.01
+  c.warmup_epochs = 5  # Cosine schedule only.
+  c.update(overrides)
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full set of fields, with CPU-friendly defaults."""
+  c = ml_collections.ConfigDict()
+  c.job = "pipeline"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "fashion_mnist"
+  c.data.data_dir = config_dict.placeholder(str)
+  # Use only the first N images of the train / validation / test split
+  # (-1 = all). The quick start trains on a subset so teachers overfit.
+  c.data.train_size = -1
+  c.data.validation_size = -1
+  c.data.test_size = -1
+  c.data.crop_padding = 4
+  c.data.flip = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet20"
+  c.model.dtype = "float32"  # 'bfloat16': bf16 compute, fp32 params/stats.
+  # How M teacher members run: 'unroll' (loop inside jit) or 'vmap'.
+  c.model.ensemble_strategy = "unroll"
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.ensemble_size = 4
+  c.teacher.batch_size = 128  # Global, per member.
+  c.teacher.epochs = 200
+  c.teacher.optim = optim_config(learning_rate=0.1)
+  # Ghost BatchNorm: images per statistics group (None = whole batch).
+  c.teacher.bn_group_size = config_dict.placeholder(int)
+  c.teacher.eval_every_epochs = 1
+  c.teacher.eval_final_epochs = 0
+  # Teachers workdir used by the distill job (pipeline sets it itself).
+  c.teacher.workdir = config_dict.placeholder(str)
+
+  c.student = ml_collections.ConfigDict()
+  c.student.ensemble_size = 4  # BE-M; 1 = single network (use pairing=mean).
+  c.student.pairing = "member"  # 'member' (official) | 'mean'.
+  c.student.batch_size = 128  # Global images; each is tiled M times.
+  c.student.epochs = 250
+  c.student.fast_init_std = 0.5
+  c.student.fused_passes = False  # Clean + perturbed pass as one pass.
+  c.student.optim = optim_config(learning_rate=0.1, fast_learning_rate=0.05)
+  # Images per BN group; all M member copies of those images share it.
+  c.student.bn_group_size = config_dict.placeholder(int)
+  c.student.eval_every_epochs = 1
+  c.student.eval_final_epochs = 0
+
+  c.kd = ml_collections.ConfigDict()
+  c.kd.alpha = 0.9
+  c.kd.temperature = 4.0
+
+  c.perturb = ml_collections.ConfigDict()
+  c.perturb.method = "kd"  # One of METHODS.
+  c.perturb.step_size = 1.0  # In 1/255 units (1.0 = the paper's eta).
+  c.perturb.num_steps = 1
+  c.perturb.norm = "l2"  # 'l2' | 'linf'.
+  c.perturb.confidence_scaled = False  # Disagreement method only.
+
+  c.eval = ml_collections.ConfigDict()
+  # Validation epochs: every `eval_every_epochs` and the last one; with
+  # 'official' also epoch 1 and each of the last `eval_final_epochs`
+  # (PAPER_SPEC 6.6).
+  c.eval.schedule = "every"
+  c.eval.batch_size = 500
+  c.eval.ece_bins = 15
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.num_devices = config_dict.placeholder(int)  # None = all.
+  c.parallel.distributed = False  # Call jax.distributed.initialize().
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 2
+  # Allow a workdir that holds a run of a different config.
+  c.checkpoint.allow_config_change = False
+
+  c.logging = ml_collections.ConfigDict()
+  c.logging.every_steps = 50
+  c.logging.progress_bar = True
+  c.compile_cache_dir = config_dict.placeholder(str)
+
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.methods = ",".join(METHODS)
+  c.stop_after_step = config_dict.placeholder(int)  # Testing only.
+  return c
+
+
+def parse_variants(arg: str | None) -> list[str]:
+  """Splits 'confods,smoke' into ['confods', 'smoke']."""
+  return [v.strip() for v in (arg or "").split(",") if v.strip()]
+
+
+def apply_variants(
+    config: ml_collections.ConfigDict,
+    arg: str | None,
+    extra: dict | None = None,
+) -> ml_collections.ConfigDict:
+  """Applies `file.py:VARIANTS` to a config.
+
+  Args:
+    config: a config from `base_config()` with the file's setting filled in.
+    arg: the text after ':' in `--config=file.py:arg`, e.g. 'ods,smoke'.
+    extra: file-specific variants, name -> callable(config); a callable
+      named 'smoke' runs after the shared smoke setting.
+
+  Returns:
+    The same config, modified and locked.
+
+  Raises:
+    ValueError: for an unknown variant.
+  """
+  extra = extra or {}
+  for variant in parse_variants(arg):
+    if variant == "teachers":
+      config.job = "teachers"
+    elif variant in METHODS:
+      config.job = "distill"
+      config.perturb.method = variant
+    elif variant in ("pipeline", "evaluate"):
+      config.job = variant
+    elif variant == "smoke":
+      apply_smoke(config)
+      if "smoke" in extra:
+        extra["smoke"](config)
+    elif variant in extra:
+      extra[variant](config)
+    else:
+      known = ("teachers", *METHODS, "pipeline", "evaluate", "smoke", *extra)
+      raise ValueError(
+          f"Unknown config variant {variant!r}; expected any of "
+          f"{sorted(set(known))}."
+      )
+  validate(config)
+  config.lock()
+  return config
+
+
+_CHOICES = {
+    "job": JOBS,
+    "perturb.method": METHODS,
+    "perturb.norm": ("l2", "linf"),
+    "student.pairing": ("member", "mean"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.ensemble_strategy": ("unroll", "vmap"),
+    "eval.schedule": ("every", "official"),
+    "teacher.optim.schedule": ("warmup_linear", "cosine", "constant"),
+    "student.optim.schedule": ("warmup_linear", "cosine", "constant"),
+}
+
+
+def _get(config, dotted):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks choices and ranges that ConfigDict types cannot express.
+
+  Raises:
+    ValueError: naming the field, the bad value and what is allowed.
+  """
+  for field, choices in _CHOICES.items():
+    value = _get(config, field)
+    if value not in choices:
+      raise ValueError(
+          f"config.{field} = {value!r} is not one of {list(choices)}."
+      )
+  positive = (
+      "teacher.ensemble_size", "student.ensemble_size", "teacher.batch_size",
+      "student.batch_size", "teacher.epochs", "student.epochs",
+      "perturb.num_steps", "eval.batch_size", "checkpoint.every_steps",
+      "checkpoint.keep", "logging.every_steps", "teacher.eval_every_epochs",
+      "student.eval_every_epochs",
+  )
+  for field in positive:
+    value = _get(config, field)
+    if value < 1:
+      raise ValueError(f"config.{field} must be >= 1, got {value}.")
+  if not 0.0 <= config.kd.alpha <= 1.0:
+    raise ValueError(f"config.kd.alpha must be in [0, 1], got {config.kd.alpha}.")
+  if config.kd.temperature <= 0:
+    raise ValueError(
+        f"config.kd.temperature must be > 0, got {config.kd.temperature}."
+    )
+  for name in ("methods",):
+    for method in parse_variants(config.pipeline[name]):
+      if method not in METHODS:
+        raise ValueError(
+            f"config.pipeline.methods has unknown method {method!r}; "
+            f"expected a comma-separated subset of {list(METHODS)}."
+        )
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> None:
+  """Tiny, fast setting shared by every file's `:smoke` variant."""
+  config.data.train_size = 256
+  config.data.validation_size = 64
+  config.data.test_size = 64
+  config.model.name = "resnet8"
+  config.teacher.bn_group_size = None
+  config.student.bn_group_size = None
+  config.teacher.ensemble_size = 2
+  config.student.ensemble_size = 2
+  config.teacher.batch_size = 32
+  config.student.batch_size = 32
+  config.teacher.epochs = 2
+  config.student.epochs = 2
+  for optim in (config.teacher.optim, config.student.optim):
+    optim.milestones = (1, 2, 2)
+    optim.warmup_epochs = 1
+  config.teacher.eval_every_epochs = 1
+  config.student.eval_every_epochs = 1
+  config.eval.schedule = "every"
+  config.eval.batch_size = 64
+  config.checkpoint.every_steps = 4
+  config.logging.every_steps = 2
+  config.logging.progress_bar = False

@@ -1,0 +1,32 @@
+"""Command line: `python -m divdistill_jax.main --config=FILE[:VARIANTS] --workdir=DIR`.
+
+Kept short on purpose: every job is a library function taking
+`(config, workdir)`, callable from Python or Colab without absl.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from divdistill_jax import jobs
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/quickstart.py or "
+    "configs/cifar100_wrn28x10.py:confods.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  jobs.run_job(FLAGS.config, FLAGS.workdir)
+
+
+def run():
+  """Console script `divdistill`."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,80 @@
+"""Model registry: `get_model(name, ...)` for plain and BatchEnsemble nets."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from divdistill_jax.models import layers
+from divdistill_jax.models.resnet import CifarResNet, PreActWideResNet
+
+# name -> (family, keyword arguments). Explicit, so names are greppable.
+_REGISTRY = {
+    "resnet8": (CifarResNet, dict(depth=8)),
+    "resnet14": (CifarResNet, dict(depth=14)),
+    "resnet20": (CifarResNet, dict(depth=20)),
+    "resnet32": (CifarResNet, dict(depth=32)),
+    "resnet44": (CifarResNet, dict(depth=44)),
+    "resnet56": (CifarResNet, dict(depth=56)),
+    "wrn10x1": (PreActWideResNet, dict(depth=10, widen=1)),
+    "wrn16x4": (PreActWideResNet, dict(depth=16, widen=4)),
+    "wrn16x8": (PreActWideResNet, dict(depth=16, widen=8)),
+    "wrn28x1": (PreActWideResNet, dict(depth=28, widen=1)),
+    "wrn28x10": (PreActWideResNet, dict(depth=28, widen=10)),
+}
+MODEL_NAMES = tuple(_REGISTRY)
+
+# ImageNet-free defaults; callers pass the dataset's constants.
+_DEFAULT_MEAN = (0.5, 0.5, 0.5)
+_DEFAULT_STD = (0.25, 0.25, 0.25)
+
+
+def get_model(
+    name: str,
+    *,
+    num_classes: int,
+    ensemble_size: int | None = None,
+    mean: Sequence[float] = _DEFAULT_MEAN,
+    std: Sequence[float] = _DEFAULT_STD,
+    dtype: str = "float32",
+    bn_group_size: int | None = None,
+    fast_init_std: float = 0.5,
+) -> nn.Module:
+  """Builds a registered network.
+
+  Args:
+    name: one of `MODEL_NAMES`, e.g. 'resnet32', 'wrn28x10', 'wrn10x1'.
+    num_classes: K, the number of logits.
+    ensemble_size: None for the plain network (input [B, H, W, C], logits
+      [B, K]); M for the BatchEnsemble variant (input [M, B, H, W, C], logits
+      [M, B, K]).
+    mean: per-channel pixel mean (its length is the channel count).
+    std: per-channel pixel std.
+    dtype: 'float32' or 'bfloat16' compute; parameters stay float32.
+    bn_group_size: ghost-BN images per group (None = whole batch).
+    fast_init_std: std of the N(1, std^2) BatchEnsemble fast-weight init.
+
+  Returns:
+    A Linen module called as `model.apply(variables, x, train=...)`.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown model {name!r}; expected one of {MODEL_NAMES}.")
+  family, kwargs = _REGISTRY[name]
+  compute = jnp.dtype(dtype)
+  norm = functools.partial(layers.BatchNorm, group_size=bn_group_size,
+                           dtype=compute)
+  if ensemble_size is None:
+    conv = functools.partial(layers.Conv, dtype=compute)
+    dense = functools.partial(layers.Dense, dtype=compute)
+  else:
+    if ensemble_size < 1:
+      raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}.")
+    be = dict(ensemble_size=ensemble_size, fast_init_std=fast_init_std,
+              dtype=compute)
+    conv = functools.partial(layers.BatchEnsembleConv, **be)
+    dense = functools.partial(layers.BatchEnsembleDense, **be)
+  return family(num_classes=num_classes, conv=conv, dense=dense, norm=norm,
+                mean=tuple(mean), std=tuple(std), **kwargs)

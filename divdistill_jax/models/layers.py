@@ -1,0 +1,231 @@
+"""Layers shared by the plain and BatchEnsemble networks.
+
+Plain layers take `[..., B, H, W, C]` (convs) or `[..., B, F]` (dense).
+BatchEnsemble layers take an explicit leading member axis `[M, B, ...]`: one
+shared kernel W, and per member m an input scale `fast_r[m]` and an output
+scale `fast_s[m]`, so member m computes `((x * r_m) conv W) * s_m`, which is
+the conv with kernel `W * (r_m s_m^T)` (Wen et al. 2020; PAPER_SPEC 3.7).
+Fast-weight names start with `fast_` so the optimiser can group them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Kaiming normal, fan_out, gain sqrt(2) (PAPER_SPEC 3.5). Flax's fan_out of a
+# (kh, kw, in, out) kernel is kh * kw * out, as in PyTorch.
+he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_linear_bias_init(fan_in: int):
+  """PyTorch's default Linear bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def normal_around_one(std: float):
+  """N(1, std^2) init of the fast weights (official ALPHA/GAMMA init)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return 1.0 + std * jax.random.normal(key, shape, dtype)
+
+  return init
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
+           dtype: Dtype) -> jax.Array:
+  """NHWC conv with symmetric zero padding over any leading batch axes."""
+  lead = x.shape[:-3]
+  flat = x.reshape((-1, *x.shape[-3:])).astype(dtype)
+  y = jax.lax.conv_general_dilated(
+      flat, kernel.astype(dtype), (strides, strides),
+      ((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y.reshape((*lead, *y.shape[1:]))
+
+
+class Conv(nn.Module):
+  """Bias-free conv with PyTorch-style symmetric padding (PAPER_SPEC 3.2)."""
+
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param("kernel", he_fan_out,
+                        (k, k, x.shape[-1], self.features), jnp.float32)
+    return conv2d(x, kernel, self.strides, (k - 1) // 2, self.dtype)
+
+
+class Dense(nn.Module):
+  """Classifier: Kaiming fan_out weight, PyTorch-default bias."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_in = x.shape[-1]
+    kernel = self.param("kernel", he_fan_out, (fan_in, self.features),
+                        jnp.float32)
+    bias = self.param("bias", torch_linear_bias_init(fan_in),
+                      (self.features,), jnp.float32)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+def _check_members(x: jax.Array, ensemble_size: int, min_ndim: int, name):
+  if x.ndim < min_ndim or x.shape[0] != ensemble_size:
+    raise ValueError(
+        f"{name} expects inputs [M={ensemble_size}, B, ...] with at least "
+        f"{min_ndim} axes, got shape {x.shape}."
+    )
+
+
+class BatchEnsembleConv(nn.Module):
+  """BatchEnsemble conv: input [M, B, H, W, C_in] -> [M, B, H', W', C_out]."""
+
+  features: int
+  ensemble_size: int
+  kernel_size: int = 3
+  strides: int = 1
+  fast_init_std: float = 0.5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_members(x, self.ensemble_size, 5, "BatchEnsembleConv")
+    m, k, c_in = self.ensemble_size, self.kernel_size, x.shape[-1]
+    kernel = self.param("kernel", he_fan_out, (k, k, c_in, self.features),
+                        jnp.float32)
+    init = normal_around_one(self.fast_init_std)
+    r = self.param("fast_r", init, (m, c_in), jnp.float32)
+    s = self.param("fast_s", init, (m, self.features), jnp.float32)
+    x = x * r[:, None, None, None, :].astype(x.dtype)
+    y = conv2d(x, kernel, self.strides, (k - 1) // 2, self.dtype)
+    return y * s[:, None, None, None, :].astype(self.dtype)
+
+
+class BatchEnsembleDense(nn.Module):
+  """BatchEnsemble classifier: [M, B, F] -> [M, B, K], per-member bias.
+
+  The shared bias of the plain layer is replaced by a per-member bias
+  initialised to zero (official `ensemble_bias`).
+  """
+
+  features: int
+  ensemble_size: int
+  fast_init_std: float = 0.5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_members(x, self.ensemble_size, 3, "BatchEnsembleDense")
+    m, fan_in = self.ensemble_size, x.shape[-1]
+    kernel = self.param("kernel", he_fan_out, (fan_in, self.features),
+                        jnp.float32)
+    init = normal_around_one(self.fast_init_std)
+    r = self.param("fast_r", init, (m, fan_in), jnp.float32)
+    s = self.param("fast_s", init, (m, self.features), jnp.float32)
+    bias = self.param("member_bias", nn.initializers.zeros,
+                      (m, self.features), jnp.float32)
+    x = (x * r[:, None, :]).astype(self.dtype)
+    y = jnp.einsum("mbf,fk->mbk", x, kernel.astype(self.dtype))
+    return y * s[:, None, :].astype(self.dtype) + bias[:, None, :].astype(
+        self.dtype)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over feature maps `[..., B, H, W, C]` with ghost groups.
+
+  In training mode the statistics are taken over every axis but C, in
+  groups of `group_size` images along the B axis (all leading axes, e.g. the
+  M member copies of those images, are in the same group). `None` = one
+  group, the whole (global) batch. Running statistics follow PyTorch:
+  momentum 0.1 and the unbiased variance; with several groups the update is
+  the mean over groups. Statistics are computed in float32.
+  """
+
+  use_running_average: bool
+  group_size: int | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    mean_var = self.variable("batch_stats", "mean", jnp.zeros, (c,),
+                             jnp.float32)
+    var_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    if self.use_running_average:
+      y = (xf - mean_var.value) * jax.lax.rsqrt(var_var.value + self.epsilon)
+    else:
+      y, mean, var, count = _group_normalise(xf, self.group_size, self.epsilon)
+      if not self.is_initializing():
+        unbiased = var * count / max(count - 1, 1)
+        mean_var.value = (self.momentum * mean_var.value
+                          + (1 - self.momentum) * mean.mean(0))
+        var_var.value = (self.momentum * var_var.value
+                         + (1 - self.momentum) * unbiased.mean(0))
+    return (y * scale + bias).astype(self.dtype)
+
+
+def _group_normalise(x: jax.Array, group_size: int | None, epsilon: float):
+  """Normalises [..., B, H, W, C] per group of images along B.
+
+  Returns:
+    (normalised x, group means [G, C], group biased variances [G, C],
+    number of values per channel in a group).
+  """
+  lead, b, rest = x.shape[:-4], x.shape[-4], x.shape[-3:]
+  g = b if group_size is None else group_size
+  if g <= 0 or b % g:
+    raise ValueError(
+        f"BatchNorm group_size={group_size} must divide the batch of {b} "
+        "images."
+    )
+  groups = b // g
+  xg = x.reshape((*lead, groups, g, *rest))
+  group_axis = len(lead)
+  axes = tuple(a for a in range(xg.ndim - 1) if a != group_axis)
+  mean = xg.mean(axes, keepdims=True)
+  var = jnp.square(xg - mean).mean(axes, keepdims=True)
+  y = ((xg - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape)
+  count = int(np.prod([xg.shape[a] for a in axes]))
+  return (y, mean.reshape(groups, -1), var.reshape(groups, -1), count)
+
+
+class Normalize(nn.Module):
+  """(x - mean) / std per channel: the first op of every network."""
+
+  mean: Sequence[float]
+  std: Sequence[float]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.shape[-1] != len(self.mean):
+      raise ValueError(
+          f"Images have {x.shape[-1]} channels but the model was built for "
+          f"{len(self.mean)} (shape {x.shape}); check config.data.name."
+      )
+    mean = jnp.asarray(self.mean, jnp.float32)
+    std = jnp.asarray(self.std, jnp.float32)
+    return (x.astype(jnp.float32) - mean) / std

@@ -1,0 +1,69 @@
+"""Data parallelism with jit over a 1-D 'data' mesh (no pmap).
+
+The batch is sharded on its image axis and everything else is replicated;
+XLA inserts the gradient all-reduce, and BatchNorm statistics are global.
+Multi-host: each process loads its share of every global batch and
+`global_batch` assembles the global array.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+  """Calls `jax.distributed.initialize()` once for multi-process runs."""
+  if enabled and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D ('data',) mesh over the first `num_devices` devices (None = all)."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if num_devices > len(devices) or num_devices < 1:
+      raise ValueError(
+          f"parallel.num_devices={num_devices} but {len(devices)} devices "
+          "are visible."
+      )
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
+  """Shards axis `axis` of an `ndim`-d array over 'data'."""
+  spec = [None] * ndim
+  spec[axis] = "data"
+  return NamedSharding(mesh, P(*spec))
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, what: str) -> None:
+  """Raises a ValueError naming global / per-host / per-device sizes."""
+  devices = mesh.devices.size
+  processes = jax.process_count()
+  if global_batch % devices or global_batch % processes:
+    raise ValueError(
+        f"{what}: global batch {global_batch} is not divisible by the "
+        f"{devices} devices ({processes} processes): per host "
+        f"{global_batch / processes:g}, per device "
+        f"{global_batch / devices:g}. Use a multiple of {devices}."
+    )
+
+
+def global_batch(local: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
+  """Host-local slice of a batch -> global array sharded on `axis`."""
+  sharding = batch_sharding(mesh, local.ndim, axis)
+  shape = list(local.shape)
+  shape[axis] *= jax.process_count()
+  return jax.make_array_from_process_local_data(sharding, local, tuple(shape))
+
+
+def replicate(tree, mesh: Mesh):
+  """Puts a pytree on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))

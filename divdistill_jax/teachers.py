@@ -1,0 +1,143 @@
+"""The `teachers` job: M deep-ensemble members trained in one jitted step.
+
+Every member has its own initialisation key and its own data order (stream
+m of the batch sampler), and the loss is the SUM of the members' mean CE
+losses, so each member's gradient is exactly that of an independent run
+(PAPER_SPEC 3.6, 6.1). Parameters, BN statistics and optimiser state are
+stacked on a leading member axis.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from divdistill_jax import augment, data, ensemble, losses, models, optim
+from divdistill_jax import parallel, train
+
+
+def build_teacher_model(config: ml_collections.ConfigDict):
+  """The plain teacher network of a config."""
+  info = data.dataset_info(config.data.name)
+  return models.get_model(
+      config.model.name, num_classes=info.num_classes, mean=info.mean,
+      std=info.std, dtype=config.model.dtype,
+      bn_group_size=config.teacher.bn_group_size)
+
+
+def teacher_train_step(state: train.TrainState, images, labels, base_key, *,
+                       model, tx, strategy: str, padding: int, flip: bool):
+  """One SGD step of all M members.
+
+  Args:
+    state: stacked TrainState.
+    images: uint8 [M, B, H, W, C], member m's own batch.
+    labels: int32 [M, B].
+    base_key: the run's key; the step key is fold_in(base_key, step).
+    model: the plain network.
+    tx: the optax optimiser.
+    strategy: 'vmap' or 'unroll' over members.
+    padding: crop padding.
+    flip: random horizontal flips.
+
+  Returns:
+    (new state, metrics {'loss': mean member CE, 'accuracy': [M] mean}).
+  """
+  key = jax.random.fold_in(base_key, state.step)
+  x = augment.augment(key, images, padding=padding, flip=flip)
+
+  def member_loss(params, batch_stats, xm, ym):
+    logits, new = model.apply({"params": params, "batch_stats": batch_stats},
+                              xm, train=True, mutable=["batch_stats"])
+    acc = (logits.argmax(-1) == ym).mean()
+    return losses.cross_entropy(logits, ym), (new["batch_stats"], acc)
+
+  def loss_fn(params):
+    loss, (batch_stats, acc) = ensemble.map_members(
+        member_loss, params, state.batch_stats, x, labels, strategy=strategy)
+    return loss.sum(), (loss, batch_stats, acc)
+
+  grads, (member_loss_values, batch_stats, acc) = jax.grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(jnp.add, state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, {"loss": member_loss_values.mean(),
+                     "accuracy": acc.mean()}
+
+
+def make_teacher_task(config: ml_collections.ConfigDict, mesh,
+                      splits: dict) -> train.Task:
+  """Builds the teacher Task (state on the mesh, jitted step, batches)."""
+  tcfg = config.teacher
+  m, batch = tcfg.ensemble_size, tcfg.batch_size
+  parallel.check_batch_size(batch, mesh, "teacher.batch_size")
+  train_images, train_labels = splits["train"]
+  n = len(train_images)
+  steps_per_epoch = n // batch
+  if steps_per_epoch == 0:
+    raise ValueError(
+        f"teacher.batch_size={batch} exceeds the {n} training images.")
+  model = build_teacher_model(config)
+  tx = optim.make_optimizer(steps_per_epoch=steps_per_epoch,
+                            total_epochs=tcfg.epochs, **tcfg.optim)
+  sample = jnp.zeros((1, *train_images.shape[1:]), jnp.float32)
+
+  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
+  def init(key):
+    variables = ensemble.init_members(model, key, m, sample)
+    params = variables["params"]
+    return train.new_state(params, variables["batch_stats"], tx.init(params),
+                           num_selected=m)
+
+  state = init(jax.random.fold_in(jax.random.key(config.seed), 1))
+  strategy = config.model.ensemble_strategy
+  step = jax.jit(
+      functools.partial(teacher_train_step, model=model, tx=tx,
+                        strategy=strategy, padding=config.data.crop_padding,
+                        flip=config.data.flip),
+      donate_argnums=0)
+
+  def batch_fn(step_index: int):
+    idx = np.stack([data.batch_indices(config.seed, step_index, n, batch,
+                                       stream=member) for member in range(m)])
+    local = np.stack([data.process_slice(i, jax.process_index(),
+                                         jax.process_count()) for i in idx])
+    return (parallel.global_batch(train_images[local], mesh, axis=1),
+            parallel.global_batch(train_labels[local], mesh, axis=1))
+
+  @jax.jit
+  def predict(variables, images):
+    logits = ensemble.apply_members(model, variables,
+                                    augment.to_float(images),
+                                    strategy=strategy)
+    return jax.nn.softmax(logits, axis=-1)
+
+  return train.Task(
+      name="teachers", state=state, train_step=step, batch_fn=batch_fn,
+      predict_fn=predict, selection="member",
+      steps_per_epoch=steps_per_epoch, epochs=tcfg.epochs,
+      images_per_step=m * batch,
+      eval_epochs=train.eval_epochs(tcfg.epochs, tcfg.eval_every_epochs,
+                                    tcfg.eval_final_epochs,
+                                    config.eval.schedule))
+
+
+def train_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The `teachers` job; callable from Python / Colab.
+
+  Returns:
+    The loop's summaries; the selected teacher set is in `workdir/best`,
+    member probabilities in `workdir/predictions.npz`.
+  """
+  train.setup_runtime(config)
+  mesh = parallel.make_mesh(config.parallel.num_devices)
+  splits = train.load_splits(config)
+  task = make_teacher_task(config, mesh, splits)
+  return train.run(task, workdir=workdir, config=config, mesh=mesh,
+                   splits=splits)

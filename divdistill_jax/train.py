@@ -1,0 +1,357 @@
+"""The training loop shared by the teacher and distillation jobs.
+
+A job builds a `Task` (initial state, jitted step, batch and predict
+functions) and calls `run(task, ...)`, which owns everything else: resume
+from the latest checkpoint, the step loop, logging, validation and
+best-checkpoint selection, preemption, NaN guard, final export.
+
+The step's key is `fold_in(base_key, step)` and the batch of step s is a pure
+function of (seed, s), so a resumed run replays exactly what an
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from divdistill_jax import checkpointing, data, logging_utils, parallel
+
+PyTree = Any
+# Config fields that may change between a run and its resumption.
+_RESUMABLE_FIELDS = ("logging", "checkpoint", "compile_cache_dir",
+                     "stop_after_step", "job", "pipeline", "parallel")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue; saved whole in each checkpoint.
+
+  `best_*` hold the best-by-validation variables. With per-member selection
+  (teachers) `best_accuracy` is [M] and member m's slice of `best_params`
+  is its own best; with joint selection (students) it is [1].
+  """
+
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  best_params: PyTree
+  best_batch_stats: PyTree
+  best_accuracy: jax.Array
+  best_epoch: jax.Array
+
+
+def new_state(params, batch_stats, opt_state, num_selected: int) -> TrainState:
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      opt_state=opt_state, best_params=params, best_batch_stats=batch_stats,
+      best_accuracy=jnp.full((num_selected,), -1.0, jnp.float32),
+      best_epoch=jnp.zeros((num_selected,), jnp.int32))
+
+
+@dataclasses.dataclass
+class Task:
+  """What the loop needs from a job.
+
+  Attributes:
+    name: 'teachers' or 'student' (used in messages and the progress bar).
+    state: initial TrainState, already placed on the mesh.
+    train_step: jitted `(state, images, labels, key) -> (state, metrics)`;
+      metrics are scalars and include 'loss'.
+    batch_fn: `step -> (images, labels)` global device arrays.
+    predict_fn: jitted `(variables, uint8 images [B, H, W, C]) -> probs
+      [M, B, K]` in eval mode.
+    selection: 'member' (each member keeps its own best, teachers) or
+      'mean' (the mean member accuracy selects the whole model, PAPER_SPEC
+      6.6).
+    steps_per_epoch: full batches per epoch.
+    epochs: number of epochs.
+    images_per_step: for the throughput display.
+    eval_epochs: 1-indexed epochs after which to validate.
+  """
+
+  name: str
+  state: TrainState
+  train_step: Callable[..., Any]
+  batch_fn: Callable[[int], tuple[jax.Array, jax.Array]]
+  predict_fn: Callable[..., jax.Array]
+  selection: str
+  steps_per_epoch: int
+  epochs: int
+  images_per_step: int
+  eval_epochs: frozenset[int]
+
+
+class TrainingDiverged(RuntimeError):
+  """Raised when the loss or parameters stop being finite."""
+
+
+class Preempted(RuntimeError):
+  """Raised after a clean save when SIGTERM/SIGINT stopped the run."""
+
+
+def setup_runtime(config: ml_collections.ConfigDict) -> None:
+  """Process-wide JAX settings: distributed init, RNG, compilation cache."""
+  parallel.maybe_initialize_distributed(config.parallel.distributed)
+  # Fix the RNG implementation so random streams do not change with JAX's
+  # default (ANCHORS 4).
+  jax.config.update("jax_threefry_partitionable", True)
+  cache_dir = config.compile_cache_dir or os.environ.get(
+      "DIVDISTILL_COMPILE_CACHE")
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def eval_epochs(epochs: int, every: int, final: int = 0,
+                schedule: str = "every") -> frozenset[int]:
+  """Validation epochs (1-indexed), PAPER_SPEC 6.6 for 'official'."""
+  out = {e for e in range(1, epochs + 1) if e % every == 0} | {epochs}
+  if schedule == "official":
+    out |= {1} | set(range(max(epochs - final + 1, 1), epochs + 1))
+  return frozenset(out)
+
+
+def load_splits(config: ml_collections.ConfigDict) -> dict:
+  splits = data.load_dataset(config.data.name, data_dir=config.data.data_dir)
+  return data.subset(splits, {"train": config.data.train_size,
+                              "validation": config.data.validation_size,
+                              "test": config.data.test_size})
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _comparable(config: dict) -> dict:
+  return {k: v for k, v in config.items() if k not in _RESUMABLE_FIELDS}
+
+
+@jax.jit
+def _update_best(state: TrainState, accuracy: jax.Array, epoch: jax.Array):
+  """Keeps the variables of every selection unit whose accuracy improved."""
+  improved = accuracy > state.best_accuracy
+
+  def pick(new, old):
+    if improved.shape[0] == 1:
+      return jnp.where(improved[0], new, old)
+    mask = improved.reshape((-1,) + (1,) * (new.ndim - 1))
+    return jnp.where(mask, new, old)
+
+  return state.replace(
+      best_params=jax.tree.map(pick, state.params, state.best_params),
+      best_batch_stats=jax.tree.map(pick, state.batch_stats,
+                                    state.best_batch_stats),
+      best_accuracy=jnp.where(improved, accuracy, state.best_accuracy),
+      best_epoch=jnp.where(improved, epoch, state.best_epoch))
+
+
+def predict_split(task: Task, variables, images: np.ndarray,
+                  mesh, batch_size: int) -> np.ndarray:
+  """Member probabilities [M, N, K] over a whole split (padded, masked)."""
+  per_device = -(-batch_size // mesh.devices.size)
+  batch_size = per_device * mesh.devices.size
+  outs = []
+  for batch in data.eval_batches(images, np.zeros(len(images), np.int32),
+                                 batch_size):
+    local = data.process_slice(batch.images, jax.process_index(),
+                               jax.process_count())
+    probs = task.predict_fn(variables, parallel.global_batch(local, mesh))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      probs = multihost_utils.process_allgather(probs, tiled=True)
+    outs.append(np.asarray(probs, np.float32)[:, batch.mask])
+  return np.concatenate(outs, axis=1)
+
+
+def member_accuracy(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Top-1 accuracy of each member, [M, N, K] -> [M]."""
+  return (probs.argmax(-1) == labels[None]).mean(-1)
+
+
+def _check_finite(step: int, metrics: dict) -> None:
+  for name, value in metrics.items():
+    if not np.all(np.isfinite(value)):
+      raise TrainingDiverged(
+          f"Training diverged at step {step}: {name} = {value}. The last "
+          "good checkpoint is kept as the latest; lower the learning rate or "
+          "check the data."
+      )
+
+
+class _StopSignal:
+  """Turns SIGTERM / SIGINT into a flag checked once per step."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread: no handlers, no flag.
+        pass
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
+        mesh, splits: dict, predictions_extra: dict | None = None) -> dict:
+  """Trains `task` to the end (resuming if possible) and exports results.
+
+  Writes into `workdir`: `checkpoints/` (latest K states), `best/` (the
+  selected variables), `predictions.npz` (member probabilities on the
+  validation and test splits), `metrics.jsonl`, TensorBoard events,
+  `config.json` and, when finished, `done.json` with the summaries.
+
+  Returns:
+    Summaries: final/best validation accuracies, steps, wall time.
+
+  Raises:
+    TrainingDiverged: on a non-finite loss or parameters.
+    Preempted: after saving, when SIGTERM / SIGINT arrived.
+    ValueError: if `workdir` holds a run of a different config.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  cfg_json = config_json(config)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    keep=config.checkpoint.keep)
+  state = task.state
+  start = ckpt.latest_step()
+  if start is not None:
+    meta = ckpt.restore_meta(start)
+    if (_comparable(meta.get("config", {})) != _comparable(cfg_json)
+        and not config.checkpoint.allow_config_change):
+      raise ValueError(
+          f"{workdir!r} holds a run of a different config (see its "
+          "config.json). Use a new --workdir, or set "
+          "--config.checkpoint.allow_config_change=True to continue anyway."
+      )
+    state, _ = ckpt.restore(start, state)
+    logging_utils.log(f"[{task.name}] resumed from step {start} in {workdir}")
+  start = start or 0
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(cfg_json, f, indent=2, sort_keys=True)
+
+  total = task.steps_per_epoch * task.epochs
+  stop_at = total if config.stop_after_step is None else min(
+      total, config.stop_after_step)
+  writer = logging_utils.MetricWriter(workdir)
+  progress = logging_utils.Progress(
+      total, start, task.name, task.images_per_step,
+      enabled=config.logging.progress_bar)
+  val_images, val_labels = splits["validation"]
+  base_key = jax.random.key(config.seed)
+  t0 = time.time()
+  last_saved = start
+
+  def save(step, state):
+    nonlocal last_saved
+    ckpt.save(step, state, {"step": step, "config": cfg_json})
+    last_saved = step
+
+  metrics = {}
+  try:
+    with _StopSignal() as stop:
+      for step in range(start, stop_at):
+        images, labels = task.batch_fn(step)
+        state, metrics = task.train_step(state, images, labels, base_key)
+        done_steps = step + 1
+        epoch, within = divmod(done_steps, task.steps_per_epoch)
+        host_metrics = None
+        if done_steps % config.logging.every_steps == 0:
+          host_metrics = jax.device_get(metrics)
+          _check_finite(done_steps, host_metrics)
+          writer.write(done_steps, {f"train/{k}": v
+                                    for k, v in host_metrics.items()})
+        if within == 0 and epoch in task.eval_epochs:
+          state = _validate(task, state, epoch, mesh, config, writer,
+                            val_images, val_labels, done_steps)
+        progress.update(1, **({"loss": float(host_metrics["loss"])}
+                              if host_metrics else {}))
+        if (done_steps % config.checkpoint.every_steps == 0
+            or stop.received or done_steps == stop_at):
+          _check_finite(done_steps, jax.device_get(metrics))
+          save(done_steps, state)
+        if stop.received:
+          raise Preempted(
+              f"[{task.name}] {stop.received} at step {done_steps}: saved a "
+              f"checkpoint in {workdir}; rerun the same command to resume."
+          )
+  finally:
+    progress.close()
+    writer.close()
+  if last_saved != stop_at and stop_at > start:
+    save(stop_at, state)
+  ckpt.close()
+  if stop_at < total:
+    return {"stopped_at_step": stop_at}
+  return _finish(task, state, workdir, mesh, config, splits, time.time() - t0,
+                 predictions_extra or {})
+
+
+def _validate(task, state, epoch, mesh, config, writer, val_images,
+              val_labels, step):
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  probs = predict_split(task, variables, val_images, mesh,
+                        config.eval.batch_size)
+  accs = member_accuracy(probs, val_labels)
+  ens_acc = float((probs.mean(0).argmax(-1) == val_labels).mean())
+  selected = accs if task.selection == "member" else accs.mean(keepdims=True)
+  state = _update_best(state, jnp.asarray(selected, jnp.float32),
+                       jnp.asarray(epoch, jnp.int32))
+  scalars = {"val/mean_member_accuracy": accs.mean(),
+             "val/ensemble_accuracy": ens_acc}
+  scalars.update({f"val/member_{m}_accuracy": a for m, a in enumerate(accs)})
+  writer.write(step, scalars)
+  logging_utils.log(
+      f"[{task.name}] epoch {epoch}: val member acc "
+      f"{np.round(accs * 100, 2).tolist()} ensemble {ens_acc * 100:.2f}")
+  return state
+
+
+def _finish(task, state, workdir, mesh, config, splits, seconds, extra):
+  """Exports the selected variables and their predictions."""
+  best = {"params": state.best_params, "batch_stats": state.best_batch_stats}
+  checkpointing.save_variables(os.path.join(workdir, "best"), best)
+  arrays = {}
+  for split in ("validation", "test"):
+    images, labels = splits[split]
+    arrays[f"{split}_probs"] = predict_split(task, best, images, mesh,
+                                             config.eval.batch_size)
+    arrays[f"{split}_labels"] = labels
+  summaries = {
+      "steps": int(state.step),
+      "seconds": seconds,
+      "best_val_accuracy": np.asarray(state.best_accuracy).tolist(),
+      "best_epoch": np.asarray(state.best_epoch).tolist(),
+      "test_member_accuracy": member_accuracy(
+          arrays["test_probs"], arrays["test_labels"]).tolist(),
+      **extra,
+  }
+  if jax.process_index() == 0:
+    np.savez(os.path.join(workdir, "predictions.npz"), **arrays)
+    with open(os.path.join(workdir, "done.json"), "w") as f:
+      json.dump(summaries, f, indent=2)
+  return summaries
