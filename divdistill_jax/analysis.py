@@ -1,0 +1,73 @@
+"""Teacher diversity on training, validation and perturbed training inputs.
+
+The paper's Figure 1 argument: teacher members agree on the training images
+they fit and disagree on held-out ones; perturbed training images should
+bring the disagreement back. Writes per-example pairwise KL and
+disagreement of the teachers for each input set to `diversity.npz`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from divdistill_jax import augment, configlib, ensemble, metrics, perturb
+
+
+def teacher_diversity(config: ml_collections.ConfigDict, teacher_model,
+                      teacher_vars, splits: dict, methods, *,
+                      num_examples: int = 1000, batch_size: int = 250) -> dict:
+  """Per-example teacher diversity on each input set.
+
+  Returns:
+    {'kl_<set>': [N], 'dis_<set>': [N]} for sets 'train', 'validation' and
+    'train+<method>' for each perturbation method.
+  """
+  strategy = config.model.ensemble_strategy
+
+  @jax.jit
+  def probs_fn(variables, x):
+    return jax.nn.softmax(ensemble.apply_members(teacher_model, variables, x,
+                                                 strategy=strategy), -1)
+
+  @functools.partial(jax.jit, static_argnames="method")
+  def perturbed(variables, key, x, method):
+    def logits_fn(v, inputs):
+      return teacher_model.apply(v, inputs, train=False)
+    return perturb.perturb(
+        method, key, x, logits_fn, variables,
+        step_size=config.perturb.step_size, temperature=config.kd.temperature,
+        num_steps=config.perturb.num_steps, norm=config.perturb.norm,
+        confidence_scaled=config.perturb.confidence_scaled, strategy=strategy)
+
+  def member_probs(images, method=None):
+    out = []
+    for start in range(0, len(images), batch_size):
+      x = augment.to_float(images[start:start + batch_size])
+      if method is not None:
+        key = jax.random.fold_in(jax.random.key(config.seed), start)
+        x = perturbed(teacher_vars, key, x, method)
+      out.append(np.asarray(probs_fn(teacher_vars, x)))
+    return np.concatenate(out, axis=1)
+
+  sets = {"train": (splits["train"][0][:num_examples], None),
+          "validation": (splits["validation"][0][:num_examples], None)}
+  for method in methods:
+    name = configlib.PERTURBATION_OF_METHOD[method]
+    if name != "none":
+      sets[f"train+{method}"] = (splits["train"][0][:num_examples], name)
+  out = {}
+  for name, (images, method) in sets.items():
+    probs = member_probs(images, method)
+    out[f"kl_{name}"] = metrics.pairwise_kl_per_example(probs)
+    out[f"dis_{name}"] = metrics.disagreement_per_example(probs)
+  return out
+
+
+def write_teacher_diversity(path: str, values: dict) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path, **values)

@@ -1,0 +1,157 @@
+"""The paper's table from saved predictions (the `evaluate` job).
+
+A pipeline workdir holds `teachers/predictions.npz` and
+`students/<method>/predictions.npz` (member probabilities on validation and
+test). Rows DE-1..DE-M use the first k teachers; every student is one row.
+Nothing is re-run: every column is a function of those arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import ml_collections
+import numpy as np
+
+from divdistill_jax import configlib, metrics
+
+COLUMNS = (("acc", "ACC", 2), ("nll", "NLL", 3), ("bs", "BS", 3),
+           ("ece", "ECE", 3), ("cnll", "cNLL", 3), ("cbs", "cBS", 3),
+           ("cece", "cECE", 3), ("dee", "DEE", 2), ("kl", "KL", 3),
+           ("disagreement", "Dis.", 3), ("temperature", "T", 2),
+           ("seconds", "time (s)", 0))
+
+
+def load_predictions(run_dir: str) -> dict:
+  path = os.path.join(run_dir, "predictions.npz")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"No predictions in {run_dir!r}: the run has not finished.")
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _seconds(run_dir: str) -> float | None:
+  path = os.path.join(run_dir, "done.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("seconds")
+
+
+def student_label(method: str, ensemble_size: int) -> str:
+  prefix = "Single" if ensemble_size == 1 else f"BE-{ensemble_size}"
+  return f"{prefix} {configlib.METHOD_LABELS.get(method, method)}"
+
+
+def build_rows(teacher_preds: dict, students: list[tuple[str, dict]], *,
+               num_bins: int = 15, teacher_seconds: float | None = None,
+               student_seconds: dict | None = None) -> list[dict]:
+  """Table rows: DE-1..DE-M, then each student, with DEE against DE-k.
+
+  Args:
+    teacher_preds: arrays `validation_probs` [M, Nv, K], `validation_labels`,
+      `test_probs` [M, Nt, K], `test_labels`.
+    students: (label, predictions) pairs in display order.
+    num_bins: ECE bins.
+    teacher_seconds: wall time of the teachers job (DE-k shows k/M of it).
+    student_seconds: label -> wall time.
+
+  Returns:
+    Rows (dicts with 'label' and the keys of `metrics.table_row`, 'dee',
+    'dee_lower_bound', 'seconds').
+  """
+  num_teachers = teacher_preds["test_probs"].shape[0]
+  rows = []
+  for k in range(1, num_teachers + 1):
+    row = metrics.table_row(
+        teacher_preds["validation_probs"][:k], teacher_preds["validation_labels"],
+        teacher_preds["test_probs"][:k], teacher_preds["test_labels"], num_bins)
+    row["label"] = f"DE-{k}"
+    row["seconds"] = (None if teacher_seconds is None
+                      else teacher_seconds * k / num_teachers)
+    rows.append(row)
+  for label, preds in students:
+    row = metrics.table_row(preds["validation_probs"],
+                            preds["validation_labels"], preds["test_probs"],
+                            preds["test_labels"], num_bins)
+    row["label"] = label
+    row["seconds"] = (student_seconds or {}).get(label)
+    rows.append(row)
+  curve = [r["cnll"] for r in rows[:num_teachers]]
+  for row in rows:
+    dee = metrics.deep_ensemble_equivalent(row["cnll"], curve)
+    row["dee_lower_bound"] = math.isinf(dee)
+    row["dee"] = float(num_teachers) if math.isinf(dee) else dee
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  """Markdown table; DEE beyond the largest DE reads '> M'."""
+  head = "| Model | " + " | ".join(c[1] for c in COLUMNS) + " |"
+  sep = "|---|" + "---:|" * len(COLUMNS)
+  lines = [head, sep]
+  for row in rows:
+    cells = []
+    for key, _, digits in COLUMNS:
+      value = row.get(key)
+      if value is None:
+        cells.append("-")
+      elif key == "dee" and row.get("dee_lower_bound"):
+        cells.append(f"> {value:.0f}")
+      else:
+        cells.append(f"{value:.{digits}f}")
+    lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def discover_students(workdir: str) -> list[tuple[str, str]]:
+  """(method, run dir) of finished students under workdir/students."""
+  root = os.path.join(workdir, "students")
+  if not os.path.isdir(root):
+    return []
+  found = {name: os.path.join(root, name) for name in os.listdir(root)
+           if os.path.exists(os.path.join(root, name, "predictions.npz"))}
+  order = [m for m in configlib.METHODS if m in found]
+  order += sorted(set(found) - set(order))
+  return [(m, found[m]) for m in order]
+
+
+def _student_size(run_dir: str, preds: dict) -> int:
+  return int(preds["test_probs"].shape[0])
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Builds, prints and writes the table of a pipeline workdir.
+
+  Writes `results.json` (DESIGN.md 7), `results.md` and `plots/*.png`.
+
+  Returns:
+    The results dict.
+  """
+  teacher_dir = os.path.join(workdir, "teachers")
+  teacher_preds = load_predictions(teacher_dir)
+  students, seconds = [], {}
+  for method, run_dir in discover_students(workdir):
+    preds = load_predictions(run_dir)
+    label = student_label(method, _student_size(run_dir, preds))
+    students.append((label, preds))
+    seconds[label] = _seconds(run_dir)
+  rows = build_rows(teacher_preds, students, num_bins=config.eval.ece_bins,
+                    teacher_seconds=_seconds(teacher_dir),
+                    student_seconds=seconds)
+  results = {"rows": rows, "config": json.loads(config.to_json_best_effort())}
+  table = format_table(rows)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table + "\n")
+  try:
+    from divdistill_jax import plots  # pylint: disable=g-import-not-at-top
+    plots.write_all(workdir, teacher_preds, students, rows)
+  except ImportError:
+    pass  # matplotlib missing: the table is still complete.
+  print(table, flush=True)
+  return results
