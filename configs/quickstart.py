@@ -6,7 +6,8 @@ WRN-28-10 on CIFAR-100 in the paper - the teacher members agree on training
 images and disagree on held-out ones.
 
 Command:
-  python -m divdistill_jax.main --config=configs/quickstart.py --workdir=/tmp/quickstart
+  python -m divdistill_jax.main --config=configs/quickstart.py \
+      --workdir=/tmp/quickstart
 Variants: teachers, kd, gaussian, ods, confods, disagreement, pipeline
 (default), evaluate, smoke.
 """

@@ -237,7 +237,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value < 1:
       raise ValueError(f"config.{field} must be >= 1, got {value}.")
   if not 0.0 <= config.kd.alpha <= 1.0:
-    raise ValueError(f"config.kd.alpha must be in [0, 1], got {config.kd.alpha}.")
+    raise ValueError(
+        f"config.kd.alpha must be in [0, 1], got {config.kd.alpha}.")
   if config.kd.temperature <= 0:
     raise ValueError(
         f"config.kd.temperature must be > 0, got {config.kd.temperature}."

@@ -112,6 +112,11 @@ def check_split(name: str, split: str, images, labels) -> None:
 def _split_validation(train: Split, test: Split, num_val: int) -> dict:
   images, labels = train
   n = len(images) - num_val
+  if n <= 0:
+    raise ValueError(
+        f"The training set has only {len(images)} images, fewer than the "
+        f"{num_val} held out for validation: the dataset files look "
+        "truncated.")
   return {
       "train": (images[:n], labels[:n]),
       "validation": (images[n:], labels[n:]),
@@ -231,7 +236,11 @@ def _load_cifar(name: str, data_dir: str | None):
 
 
 def _load_cifar_tfds(name: str, data_dir: str | None):
-  """Loads CIFAR from a local TFDS data directory, never downloading."""
+  """Loads CIFAR from a local TFDS data directory, never downloading.
+
+  Uses `tfds.data_source` (array_record files, no TensorFlow needed) and
+  falls back to `tfds.load` (needs TensorFlow) for tfrecord-only data.
+  """
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -241,19 +250,23 @@ def _load_cifar_tfds(name: str, data_dir: str | None):
         "'divdistill_jax[tfds]') to read a TFDS data directory."
     ) from e
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
-    ready = builder.is_prepared()
-  except Exception:  # pylint: disable=broad-except
-    ready = False
-  if not ready:
+    return tuple(_tfds_split(tfds, name, split, data_dir)
+                 for split in ("train", "test"))
+  except DatasetNotFoundError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
     raise DatasetNotFoundError(
         f"{name} not found: looked for the python-pickle folder "
         f"({_CIFAR_PICKLE[name][0]}) and a prepared TFDS dataset in "
-        f"data_dir={data_dir!r} (default TFDS dir if None). Point "
+        f"data_dir={data_dir!r} (the default TFDS dir if None): {e}. Point "
         "--config.data.data_dir at either; nothing is downloaded."
-    )
-  return tuple(_tfds_split(tfds, name, split, data_dir)
-               for split in ("train", "test"))
+    ) from e
+
+
+def _records_to_arrays(records):
+  images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+  labels = np.array([r["label"] for r in records], np.int32)
+  return images, labels, [r["id"] for r in records]
 
 
 def _tfds_split(tfds, name: str, split: str, data_dir):
@@ -261,12 +274,13 @@ def _tfds_split(tfds, name: str, split: str, data_dir):
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir,
                               download=False)
-    records = [source[i] for i in range(len(source))]
-    images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
-    labels = np.array([r["label"] for r in records], np.int32)
-    ids = [r["id"] for r in records]
-  except Exception:  # pylint: disable=broad-except
-    # No array_record files (e.g. tfrecord-only data): tf.data needs TF.
+    images, labels, ids = _records_to_arrays(
+        [source[i] for i in range(len(source))])
+  except Exception as source_error:  # pylint: disable=broad-except
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      raise source_error from None
     data = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir,
                                    download=False, batch_size=-1))
     images = np.asarray(data["image"], np.uint8)

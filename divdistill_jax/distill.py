@@ -17,7 +17,6 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from divdistill_jax import augment, checkpointing, configlib, data, ensemble
 from divdistill_jax import losses, models, optim, parallel, perturb, train

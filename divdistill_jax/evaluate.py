@@ -67,8 +67,9 @@ def build_rows(teacher_preds: dict, students: list[tuple[str, dict]], *,
   rows = []
   for k in range(1, num_teachers + 1):
     row = metrics.table_row(
-        teacher_preds["validation_probs"][:k], teacher_preds["validation_labels"],
-        teacher_preds["test_probs"][:k], teacher_preds["test_labels"], num_bins)
+        teacher_preds["validation_probs"][:k],
+        teacher_preds["validation_labels"], teacher_preds["test_probs"][:k],
+        teacher_preds["test_labels"], num_bins)
     row["label"] = f"DE-{k}"
     row["seconds"] = (None if teacher_seconds is None
                       else teacher_seconds * k / num_teachers)

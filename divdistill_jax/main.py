@@ -1,4 +1,6 @@
-"""Command line: `python -m divdistill_jax.main --config=FILE[:VARIANTS] --workdir=DIR`.
+"""Command line entry point.
+
+  python -m divdistill_jax.main --config=FILE[:VARIANTS] --workdir=DIR
 
 Kept short on purpose: every job is a library function taking
 `(config, workdir)`, callable from Python or Colab without absl.

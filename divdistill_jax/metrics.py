@@ -125,17 +125,17 @@ def _member_np(member_probs) -> np.ndarray:
 
 
 def pairwise_kl_per_example(member_probs) -> np.ndarray:
-  """mean over ordered pairs j != l of KL(p_l || p_j), per example -> [N]."""
+  """mean over ordered pairs a != b of KL(p_a || p_b), per example -> [N]."""
   p = _member_np(member_probs)
   m = p.shape[0]
   if m < 2:
     return np.zeros(p.shape[1])
   logp = np.log(p + EPS)
   total = np.zeros(p.shape[1])
-  for l in range(m):
-    for j in range(m):
-      if j != l:
-        total += (p[l] * (logp[l] - logp[j])).sum(-1)
+  for a in range(m):
+    for b in range(m):
+      if a != b:
+        total += (p[a] * (logp[a] - logp[b])).sum(-1)
   return total / (m * (m - 1))
 
 

@@ -79,7 +79,8 @@ def ods(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
     Perturbed images [B, H, W, C] in [0, 1] (no gradient).
   """
   member_key, w_key = jax.random.split(key)
-  m = jax.random.randint(member_key, (), 0, ensemble.num_members(teacher_params))
+  num = ensemble.num_members(teacher_params)
+  m = jax.random.randint(member_key, (), 0, num)
   params = ensemble.select_member(teacher_params, m)
 
   def probs_fn(inputs):

@@ -57,9 +57,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
     analysis.write_teacher_diversity(diversity_path, values)
   for i, method in enumerate(methods, start=2):
     run_dir = os.path.join(workdir, "students", method)
-    logging_utils.log(
-        f"== [{i}/{stages}] {evaluate.student_label(method, config.student.ensemble_size)}"
-        f" -> {run_dir}")
+    label = evaluate.student_label(method, config.student.ensemble_size)
+    logging_utils.log(f"== [{i}/{stages}] {label} -> {run_dir}")
     if _done(run_dir):
       logging_utils.log("   finished earlier: reused")
       continue
