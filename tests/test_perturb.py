@@ -1,0 +1,175 @@
+"""Perturbations against analytic gradients and their defining properties."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from divdistill_jax import perturb
+
+B, H, W, C, K, M = 6, 4, 4, 2, 5, 3
+D = H * W * C
+ETA = 1.0 / 255
+
+
+def linear_logits(params, x):
+  return x.reshape(x.shape[0], -1) @ params
+
+
+def _setup(seed=0):
+  rng = np.random.default_rng(seed)
+  weights = jnp.asarray(rng.normal(size=(M, D, K)) * 2, jnp.float32)
+  # Interior pixels so that one step is never clipped.
+  x = jnp.asarray(rng.uniform(0.3, 0.7, (B, H, W, C)), jnp.float32)
+  return weights, x
+
+
+def _softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_ods_direction_is_the_analytic_gradient(temperature):
+  weights, x = _setup()
+  key = jax.random.key(3)
+  out = perturb.perturb("ods", key, x, linear_logits, weights, step_size=1.0,
+                        temperature=temperature)
+  # Recompute the member and w the method draws from this key.
+  member_key, w_key = jax.random.split(key)
+  m = int(jax.random.randint(member_key, (), 0, M))
+  w = np.asarray(jax.random.uniform(w_key, (B, K), jnp.float32, -1.0, 1.0))
+  wm = np.asarray(weights[m], np.float64)
+  xf = np.asarray(x, np.float64).reshape(B, -1)
+  p = _softmax(xf @ wm / temperature)
+  # d/dz <w, softmax(z/T)> = p * (w - <w, p>) / T, then through z = x W.
+  grad = (p * (w - (w * p).sum(-1, keepdims=True)) / temperature) @ wm.T
+  expected = grad / np.linalg.norm(grad, axis=1, keepdims=True) * np.sqrt(D)
+  delta = (np.asarray(out, np.float64) - xf.reshape(x.shape)).reshape(B, -1)
+  np.testing.assert_allclose(delta / ETA, expected, rtol=2e-3, atol=2e-3)
+  # The step lies in the span of the chosen member's weight columns.
+  q, _ = np.linalg.qr(wm)
+  residual = delta - delta @ q @ q.T
+  assert np.abs(residual).max() < 1e-5
+  # ||x~ - x||_2 = eta * sqrt(D) for every example.
+  np.testing.assert_allclose(np.linalg.norm(delta, axis=1), ETA * np.sqrt(D),
+                             rtol=1e-3)
+
+
+def test_confods_norm_is_scaled_by_the_max_probability():
+  weights, x = _setup(1)
+  key = jax.random.key(4)
+  out = perturb.perturb("confods", key, x, linear_logits, weights,
+                        step_size=1.0, temperature=1.0)
+  m = int(jax.random.randint(jax.random.split(key)[0], (), 0, M))
+  p = _softmax(np.asarray(x).reshape(B, -1) @ np.asarray(weights[m]))
+  norms = np.linalg.norm(np.asarray(out - x).reshape(B, -1), axis=1)
+  np.testing.assert_allclose(norms, ETA * np.sqrt(D) * p.max(-1), rtol=1e-3)
+  # Same direction as ODS.
+  ods = perturb.perturb("ods", key, x, linear_logits, weights, step_size=1.0,
+                        temperature=1.0)
+  cos = np.sum(np.asarray(out - x).reshape(B, -1)
+               * np.asarray(ods - x).reshape(B, -1), 1)
+  assert (cos > 0).all()
+
+
+def test_gaussian_std_and_clipping():
+  x = jnp.full((64, 8, 8, 3), 0.5)
+  out = perturb.perturb("gaussian", jax.random.key(0), x, None, None,
+                        step_size=2.0, temperature=1.0)
+  assert float(jnp.std(out - x)) == pytest.approx(2 * ETA, rel=0.03)
+  edge = jnp.ones((4, 8, 8, 3))
+  clipped = perturb.perturb("gaussian", jax.random.key(1), edge, None, None,
+                            step_size=50.0, temperature=1.0)
+  assert float(clipped.max()) <= 1.0 and float(clipped.min()) >= 0.0
+
+
+@pytest.mark.parametrize("method", ["ods", "confods", "disagreement"])
+def test_gradient_methods_clip_and_are_deterministic(method):
+  weights, _ = _setup(2)
+  x = jnp.asarray(np.random.default_rng(5).choice([0.0, 1.0],
+                                                  (B, H, W, C)), jnp.float32)
+  kw = dict(step_size=20.0, temperature=1.0)
+  a = perturb.perturb(method, jax.random.key(7), x, linear_logits, weights,
+                      **kw)
+  b = perturb.perturb(method, jax.random.key(7), x, linear_logits, weights,
+                      **kw)
+  np.testing.assert_array_equal(a, b)
+  assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+  assert not np.array_equal(a, x)
+
+
+def test_linf_norm_moves_every_pixel_by_eta():
+  weights, x = _setup(3)
+  out = perturb.perturb("ods", jax.random.key(1), x, linear_logits, weights,
+                        step_size=1.0, temperature=1.0, norm="linf")
+  np.testing.assert_allclose(np.abs(np.asarray(out - x)), ETA, rtol=1e-3)
+
+
+def test_one_trace_over_many_steps():
+  weights, x = _setup(4)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(key, x, weights):
+    return perturb.perturb("confods", key, x, linear_logits, weights,
+                           step_size=1.0, temperature=1.0)
+
+  for i in range(4):  # New keys (so new members) and new data: no retrace.
+    step(jax.random.key(i), x + 0.01 * i, weights)
+
+
+def _train_linear_ensemble(seed=0, steps=300):
+  """M linear-softmax members trained on different halves of 4 clusters."""
+  rng = np.random.default_rng(seed)
+  centers = rng.uniform(0.2, 0.8, (K, D))
+  labels = rng.integers(0, K, 400)
+  images = np.clip(centers[labels] + rng.normal(0, 0.15, (400, D)), 0, 1)
+  members = []
+  for m in range(M):
+    idx = rng.choice(400, 200, replace=False)
+    xs, ys = jnp.asarray(images[idx]), jnp.asarray(labels[idx])
+    w = jnp.asarray(rng.normal(0, 0.1, (D, K)))
+
+    def loss(w, xs=xs, ys=ys):
+      logp = jax.nn.log_softmax(xs @ w)
+      return -jnp.take_along_axis(logp, ys[:, None], 1).mean()
+
+    grad = jax.jit(jax.grad(loss))
+    for _ in range(steps):
+      w = w - 0.5 * grad(w)
+    members.append(w)
+  x = jnp.asarray(images[:128].reshape(128, H, W, C), jnp.float32)
+  return jnp.stack(members).astype(jnp.float32), x
+
+
+def test_disagreement_raises_mutual_information_most():
+  weights, x = _train_linear_ensemble()
+
+  def mi(inputs):
+    logits = jax.vmap(lambda w: linear_logits(w, inputs))(weights)
+    return float(perturb.mutual_information(logits).mean())
+
+  kw = dict(step_size=4.0, temperature=1.0)
+  base = mi(x)
+  dis = mi(perturb.perturb("disagreement", jax.random.key(0), x,
+                           linear_logits, weights, **kw))
+  ods = np.mean([mi(perturb.perturb("ods", jax.random.key(s), x,
+                                    linear_logits, weights, **kw))
+                 for s in range(5)])
+  noise = jax.random.normal(jax.random.key(9), x.shape)
+  rand = mi(jnp.clip(x + 4 * ETA * perturb.normalised_direction(noise), 0, 1))
+  assert dis > base
+  assert dis - base > ods - base
+  assert dis - base > rand - base
+  multi = mi(perturb.perturb("disagreement", jax.random.key(0), x,
+                             linear_logits, weights, num_steps=3, **kw))
+  assert multi > base
+
+
+def test_unknown_method():
+  with pytest.raises(ValueError, match="Unknown perturbation"):
+    perturb.perturb("fgsm", jax.random.key(0), jnp.zeros((1, 2, 2, 1)), None,
+                    None, step_size=1.0, temperature=1.0)
