@@ -17,6 +17,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from divdistill_jax import augment, checkpointing, configlib, data, ensemble
 from divdistill_jax import losses, models, optim, parallel, perturb, train
@@ -199,6 +200,7 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
       # Teachers' mutual information on the distillation inputs (T = 1):
       # how much diversity the student is shown.
       "teacher_mi": perturb.mutual_information(teacher_logits).mean(),
+      "param_norm": optax.global_norm(params),
   }
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=batch_stats, opt_state=opt_state)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from divdistill_jax import augment, data, ensemble, losses, models, optim
 from divdistill_jax import parallel, train
@@ -45,7 +46,7 @@ def teacher_train_step(state: train.TrainState, images, labels, base_key, *,
     flip: random horizontal flips.
 
   Returns:
-    (new state, metrics {'loss': mean member CE, 'accuracy': [M] mean}).
+    (new state, metrics: mean member CE 'loss', 'accuracy', 'param_norm').
   """
   key = jax.random.fold_in(base_key, state.step)
   x = augment.augment(key, images, padding=padding, flip=flip)
@@ -68,7 +69,9 @@ def teacher_train_step(state: train.TrainState, images, labels, base_key, *,
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=batch_stats, opt_state=opt_state)
   return new_state, {"loss": member_loss_values.mean(),
-                     "accuracy": acc.mean()}
+                     "accuracy": acc.mean(),
+                     # Non-finite parameters make this non-finite (NaN guard).
+                     "param_norm": optax.global_norm(params)}
 
 
 def make_teacher_task(config: ml_collections.ConfigDict, mesh,

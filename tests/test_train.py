@@ -1,0 +1,173 @@
+"""Teacher training: equivalences, devices, resume, outputs, guards."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from divdistill_jax import checkpointing, optim, parallel, teachers, train
+
+
+def _smoke(**overrides):
+  base = {"data.train_size": 128, "teacher.batch_size": 32,
+          "student.batch_size": 32}
+  base.update(overrides)
+  return load_config("quickstart", "teachers,smoke", **base)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "unroll"])
+def test_member_step_equals_single_member_steps(strategy):
+  config = _smoke()
+  model = teachers.build_teacher_model(config)
+  tx = optim.make_optimizer(steps_per_epoch=4, total_epochs=2,
+                            **config.teacher.optim)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (3, 2, 8, 28, 28, 1), np.uint8))
+  labels = jnp.asarray(rng.integers(0, 10, (3, 2, 8)))
+  sample = jnp.zeros((1, 28, 28, 1))
+  from divdistill_jax import ensemble
+  variables = ensemble.init_members(model, jax.random.key(0), 2, sample)
+
+  def state_of(v):
+    return train.new_state(v["params"], v["batch_stats"],
+                           tx.init(v["params"]), v["params"]["Dense_0"][
+                               "bias"].shape[0] and 1)
+
+  step = jax.jit(functools.partial(
+      teachers.teacher_train_step, model=model, tx=tx, strategy=strategy,
+      padding=0, flip=False))
+  key = jax.random.key(5)
+  joint = state_of(variables)
+  singles = [state_of(jax.tree.map(lambda a, m=m: a[m:m + 1], variables))
+             for m in range(2)]
+  for s in range(3):
+    joint, _ = step(joint, images[s], labels[s], key)
+    singles = [step(st, images[s][m:m + 1], labels[s][m:m + 1], key)[0]
+               for m, st in enumerate(singles)]
+  for m in range(2):
+    jax.tree.map(lambda a, b, m=m: np.testing.assert_allclose(
+        a[m], b[0], rtol=2e-5, atol=2e-6), joint.params, singles[m].params)
+    jax.tree.map(lambda a, b, m=m: np.testing.assert_allclose(
+        a[m], b[0], rtol=2e-5, atol=2e-6), joint.batch_stats,
+        singles[m].batch_stats)
+
+
+def test_one_device_equals_four_devices():
+  """Same losses and parameters on 1 and 4 devices.
+
+  Parameters are compared after the first step: reduction order differs
+  between meshes and the tiny smoke network amplifies float noise ~100x per
+  step, while a semantic difference (e.g. per-device BatchNorm statistics or
+  sharding-dependent random numbers) would show at step 1 already.
+  """
+  assert jax.device_count() >= 4
+  config = _smoke(**{"teacher.optim.learning_rate": 0.02})
+  splits = train.load_splits(config)
+  results = []
+  for devices in (1, 4):
+    mesh = parallel.make_mesh(devices)
+    task = teachers.make_teacher_task(config, mesh, splits)
+    state, losses, first = task.state, [], None
+    for s in range(3):
+      images, labels = task.batch_fn(s)
+      state, metrics = task.train_step(state, images, labels,
+                                       jax.random.key(0))
+      losses.append(float(metrics["loss"]))
+      first = jax.device_get(state.params) if s == 0 else first
+    results.append((losses, first))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max()),
+      results[0][1], results[1][1])
+
+
+def test_batch_not_divisible_by_devices():
+  config = _smoke(**{"teacher.batch_size": 30})
+  mesh = parallel.make_mesh(4)
+  with pytest.raises(ValueError, match="per device 7.5"):
+    teachers.make_teacher_task(config, mesh, train.load_splits(config))
+
+
+def _latest_state(workdir):
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = ckpt.latest_step()
+  from orbax.checkpoint import StandardCheckpointer
+  with StandardCheckpointer() as c:
+    state = c.restore(os.path.join(ckpt.directory, str(step), "state"))
+  ckpt.close()
+  return step, state
+
+
+def test_resume_is_exact_and_run_writes_outputs(tmp_path):
+  straight = str(tmp_path / "straight")
+  split = str(tmp_path / "split")
+  summary = teachers.train_teachers(_smoke(), straight)
+  stopped = teachers.train_teachers(_smoke(stop_after_step=3), split)
+  assert stopped == {"stopped_at_step": 3}
+  teachers.train_teachers(_smoke(), split)
+  step_a, a = _latest_state(straight)
+  step_b, b = _latest_state(split)
+  assert step_a == step_b == 8
+  # Bit-exact: parameters, BN statistics, optimiser state, best variables.
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+  files = set(os.listdir(straight))
+  assert {"checkpoints", "best", "predictions.npz", "metrics.jsonl",
+          "config.json", "done.json"} <= files
+  assert any(f.startswith("events.out.tfevents") for f in files)
+  with np.load(os.path.join(straight, "predictions.npz")) as f:
+    assert f["test_probs"].shape == (2, 64, 10)
+    assert f["validation_probs"].shape == (2, 64, 10)
+    np.testing.assert_allclose(f["test_probs"].sum(-1), 1.0, rtol=1e-5)
+  # Per-member best selection: each member's best epoch is the argmax of
+  # its own validation accuracy history.
+  history = [json.loads(line) for line in
+             open(os.path.join(straight, "metrics.jsonl"))]
+  val = [h for h in history if "val/member_0_accuracy" in h]
+  assert len(val) == 2
+  for m in range(2):
+    accs = [h[f"val/member_{m}_accuracy"] for h in val]
+    assert summary["best_epoch"][m] == int(np.argmax(accs)) + 1
+    assert summary["best_val_accuracy"][m] == pytest.approx(max(accs))
+  # The exported `best` teachers reproduce the saved validation predictions.
+  best = checkpointing.load_variables(os.path.join(straight, "best"))
+  config = _smoke()
+  mesh = parallel.make_mesh(1)
+  splits = train.load_splits(config)
+  task = teachers.make_teacher_task(config, mesh, splits)
+  probs = train.predict_split(task, parallel.replicate(best, mesh),
+                              splits["validation"][0], mesh, 64)
+  with np.load(os.path.join(straight, "predictions.npz")) as f:
+    np.testing.assert_allclose(probs, f["validation_probs"], rtol=1e-4,
+                               atol=1e-6)
+
+  # A workdir of another config is refused.
+  with pytest.raises(ValueError, match="different config"):
+    teachers.train_teachers(_smoke(**{"teacher.optim.learning_rate": 0.3},
+                                   stop_after_step=2), split)
+
+
+def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / "nan")
+  teachers.train_teachers(_smoke(stop_after_step=2), workdir)
+  # Resume with a learning rate that overflows the parameters at step 3.
+  config = _smoke(**{"teacher.optim.learning_rate": 1e30,
+                     "checkpoint.allow_config_change": True,
+                     "logging.every_steps": 1, "checkpoint.every_steps": 1})
+  with pytest.raises(train.TrainingDiverged,
+                     match="at step 3: train/param_norm|at step 3: param_norm"):
+    teachers.train_teachers(config, workdir)
+  step, state = _latest_state(workdir)
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_eval_schedule_official():
+  assert train.eval_epochs(300, 30, 30, "official") == frozenset(
+      [1, *range(30, 271, 30), *range(271, 301)])
+  assert train.eval_epochs(10, 4) == frozenset([4, 8, 10])
