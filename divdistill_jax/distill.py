@@ -200,7 +200,7 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
       # Teachers' mutual information on the distillation inputs (T = 1):
       # how much diversity the student is shown.
       "teacher_mi": perturb.mutual_information(teacher_logits).mean(),
-      "param_norm": optax.global_norm(params),
+      "param_norm": optax.tree.norm(params),
   }
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=batch_stats, opt_state=opt_state)

@@ -6,7 +6,7 @@ Kept short on purpose: every job is a library function taking
 `(config, workdir)`, callable from Python or Colab without absl.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from divdistill_jax import jobs
@@ -22,6 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # orbax logs every save/restore at INFO; keep the console for progress.
+  logging.set_verbosity(logging.WARNING)
   jobs.run_job(FLAGS.config, FLAGS.workdir)
 
 

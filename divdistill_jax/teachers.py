@@ -71,7 +71,7 @@ def teacher_train_step(state: train.TrainState, images, labels, base_key, *,
   return new_state, {"loss": member_loss_values.mean(),
                      "accuracy": acc.mean(),
                      # Non-finite parameters make this non-finite (NaN guard).
-                     "param_norm": optax.global_norm(params)}
+                     "param_norm": optax.tree.norm(params)}
 
 
 def make_teacher_task(config: ml_collections.ConfigDict, mesh,

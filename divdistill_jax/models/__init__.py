@@ -14,6 +14,8 @@ from divdistill_jax.models.resnet import CifarResNet, PreActWideResNet
 # name -> (family, keyword arguments). Explicit, so names are greppable.
 _REGISTRY = {
     "resnet8": (CifarResNet, dict(depth=8)),
+    # Half-width ResNet-8 (8/16/32 channels): the CPU quick start.
+    "resnet8_w8": (CifarResNet, dict(depth=8, width=8)),
     "resnet14": (CifarResNet, dict(depth=14)),
     "resnet20": (CifarResNet, dict(depth=20)),
     "resnet32": (CifarResNet, dict(depth=32)),
