@@ -34,6 +34,7 @@ setup(
             "tensorflow-datasets>=4.9.6,<5",
             "array_record>=0.5",
             "nbformat>=5.9",
+            "ipython>=8",
             "ruff>=0.6",
         ],
         "gpu": ["jax[cuda12]>=0.10.0,<0.13"],

@@ -26,7 +26,7 @@ flags.DEFINE_string("family", "cifar100_wrn28x10", "Config file in configs/.")
 flags.DEFINE_string("workdir", None, "Root directory (one folder per seed).")
 flags.DEFINE_string("data_dir", None, "Dataset folder.")
 flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
-flags.DEFINE_string("variant", "pipeline", "Config variants, e.g. pipeline,smoke.")
+flags.DEFINE_string("variant", "pipeline", "Variants, e.g. pipeline,smoke.")
 flags.DEFINE_bool("collect_only", False, "Only collect finished results.")
 flags.DEFINE_multi_string("override", [], "Extra --config.x=y overrides.")
 
