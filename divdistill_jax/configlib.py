@@ -243,13 +243,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.kd.temperature must be > 0, got {config.kd.temperature}."
     )
-  for name in ("methods",):
-    for method in parse_variants(config.pipeline[name]):
-      if method not in METHODS:
-        raise ValueError(
-            f"config.pipeline.methods has unknown method {method!r}; "
-            f"expected a comma-separated subset of {list(METHODS)}."
-        )
+  for method in parse_variants(config.pipeline.methods):
+    if method not in METHODS:
+      raise ValueError(
+          f"config.pipeline.methods has unknown method {method!r}; "
+          f"expected a comma-separated subset of {list(METHODS)}."
+      )
 
 
 def apply_smoke(config: ml_collections.ConfigDict) -> None:

@@ -383,6 +383,20 @@ def epoch_permutation(seed: int, epoch: int, n: int, stream: int = 0):
   return np.random.default_rng([seed, stream, epoch]).permutation(n)
 
 
+def steps_per_epoch(n: int, batch_size: int,
+                    field: str = "batch size") -> int:
+  """Full batches per epoch; the incomplete last batch is dropped.
+
+  Raises:
+    ValueError: naming `field` when the batch exceeds the `n` examples.
+  """
+  steps = n // batch_size
+  if steps == 0:
+    raise ValueError(
+        f"{field}={batch_size} exceeds the {n} training images.")
+  return steps
+
+
 def batch_indices(seed: int, step: int, n: int, batch_size: int,
                   stream: int = 0) -> np.ndarray:
   """Indices of the global batch at `step` (0-indexed); resumable anywhere.
@@ -390,12 +404,7 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int,
   Each epoch uses `n // batch_size` full batches of a fresh permutation (the
   last incomplete batch is dropped so every step has one shape).
   """
-  steps_per_epoch = n // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(
-        f"Batch size {batch_size} is larger than the {n} training examples."
-    )
-  epoch, i = divmod(step, steps_per_epoch)
+  epoch, i = divmod(step, steps_per_epoch(n, batch_size))
   perm = epoch_permutation(seed, epoch, n, stream)
   return perm[i * batch_size:(i + 1) * batch_size]
 

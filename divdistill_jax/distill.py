@@ -188,13 +188,13 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
     acc = (clean.argmax(-1) == labels[None]).mean()
     return loss, (batch_stats, ce, kd, acc)
 
-  grads, (batch_stats, ce, kd, acc) = jax.grad(loss_fn, has_aux=True)(
-      state.params)
+  (loss, (batch_stats, ce, kd, acc)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(jnp.add, state.params, updates)
   delta = (x_kd - x).reshape(x.shape[0], -1)
   metrics = {
-      "loss": (1 - alpha) * ce + alpha * temperature**2 * kd,
+      "loss": loss,
       "ce": ce, "kd": kd, "accuracy": acc,
       "perturbation_l2": jnp.linalg.norm(delta, axis=1).mean(),
       # Teachers' mutual information on the distillation inputs (T = 1):
@@ -215,10 +215,7 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
   parallel.check_batch_size(batch, mesh, "student.batch_size")
   train_images, train_labels = splits["train"]
   n = len(train_images)
-  steps_per_epoch = n // batch
-  if steps_per_epoch == 0:
-    raise ValueError(
-        f"student.batch_size={batch} exceeds the {n} training images.")
+  steps_per_epoch = data.steps_per_epoch(n, batch, "student.batch_size")
   student = Student(config, scfg.bn_group_size)
   method = configlib.PERTURBATION_OF_METHOD[config.perturb.method]
   fused = None

@@ -120,10 +120,6 @@ def discover_students(workdir: str) -> list[tuple[str, str]]:
   return [(m, found[m]) for m in order]
 
 
-def _student_size(run_dir: str, preds: dict) -> int:
-  return int(preds["test_probs"].shape[0])
-
-
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Builds, prints and writes the table of a pipeline workdir.
 
@@ -137,7 +133,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   students, seconds = [], {}
   for method, run_dir in discover_students(workdir):
     preds = load_predictions(run_dir)
-    label = student_label(method, _student_size(run_dir, preds))
+    label = student_label(method, preds["test_probs"].shape[0])
     students.append((label, preds))
     seconds[label] = _seconds(run_dir)
   rows = build_rows(teacher_preds, students, num_bins=config.eval.ece_bins,

@@ -82,10 +82,7 @@ def make_teacher_task(config: ml_collections.ConfigDict, mesh,
   parallel.check_batch_size(batch, mesh, "teacher.batch_size")
   train_images, train_labels = splits["train"]
   n = len(train_images)
-  steps_per_epoch = n // batch
-  if steps_per_epoch == 0:
-    raise ValueError(
-        f"teacher.batch_size={batch} exceeds the {n} training images.")
+  steps_per_epoch = data.steps_per_epoch(n, batch, "teacher.batch_size")
   model = build_teacher_model(config)
   tx = optim.make_optimizer(steps_per_epoch=steps_per_epoch,
                             total_epochs=tcfg.epochs, **tcfg.optim)

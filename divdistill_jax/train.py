@@ -264,14 +264,6 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
   val_images, val_labels = splits["validation"]
   base_key = jax.random.key(config.seed)
   t0 = time.time()
-  last_saved = start
-
-  def save(step, state):
-    nonlocal last_saved
-    ckpt.save(step, state, {"step": step, "config": cfg_json})
-    last_saved = step
-
-  metrics = {}
   try:
     with _StopSignal() as stop:
       for step in range(start, stop_at):
@@ -290,10 +282,13 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
                             val_images, val_labels, done_steps)
         progress.update(1, **({"loss": float(host_metrics["loss"])}
                               if host_metrics else {}))
+        # The loop always saves its last step, so nothing is saved after it.
         if (done_steps % config.checkpoint.every_steps == 0
             or stop.received or done_steps == stop_at):
-          _check_finite(done_steps, jax.device_get(metrics))
-          save(done_steps, state)
+          if host_metrics is None:
+            _check_finite(done_steps, jax.device_get(metrics))
+          ckpt.save(done_steps, state, {"step": done_steps,
+                                        "config": cfg_json})
         if stop.received:
           raise Preempted(
               f"[{task.name}] {stop.received} at step {done_steps}: saved a "
@@ -302,8 +297,6 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
   finally:
     progress.close()
     writer.close()
-  if last_saved != stop_at and stop_at > start:
-    save(stop_at, state)
   ckpt.close()
   if stop_at < total:
     return {"stopped_at_step": stop_at}
