@@ -238,6 +238,7 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
                                     keep=config.checkpoint.keep)
   state = task.state
   start = ckpt.latest_step()
+  earlier_seconds = 0.0  # Training time of the processes before a resume.
   if start is not None:
     meta = ckpt.restore_meta(start)
     if (_comparable(meta.get("config", {})) != _comparable(cfg_json)
@@ -248,6 +249,7 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
           "--config.checkpoint.allow_config_change=True to continue anyway."
       )
     state, _ = ckpt.restore(start, state)
+    earlier_seconds = meta.get("seconds", 0.0)
     logging_utils.log(f"[{task.name}] resumed from step {start} in {workdir}")
   start = start or 0
   if jax.process_index() == 0:
@@ -287,8 +289,9 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
             or stop.received or done_steps == stop_at):
           if host_metrics is None:
             _check_finite(done_steps, jax.device_get(metrics))
-          ckpt.save(done_steps, state, {"step": done_steps,
-                                        "config": cfg_json})
+          ckpt.save(done_steps, state, {
+              "step": done_steps, "config": cfg_json,
+              "seconds": earlier_seconds + time.time() - t0})
         if stop.received:
           raise Preempted(
               f"[{task.name}] {stop.received} at step {done_steps}: saved a "
@@ -300,8 +303,8 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
   ckpt.close()
   if stop_at < total:
     return {"stopped_at_step": stop_at}
-  return _finish(task, state, workdir, mesh, config, splits, time.time() - t0,
-                 predictions_extra or {})
+  return _finish(task, state, workdir, mesh, config, splits,
+                 earlier_seconds + time.time() - t0, predictions_extra or {})
 
 
 def _validate(task, state, epoch, mesh, config, writer, val_images,

@@ -103,13 +103,35 @@ def _latest_state(workdir):
   return step, state
 
 
-def test_resume_is_exact_and_run_writes_outputs(tmp_path):
+class _FakeClock:
+  """time.time() for train.py: +1 s per call, so elapsed times are exact."""
+
+  def __init__(self, now):
+    self.now = now
+
+  def time(self):
+    self.now += 1.0
+    return self.now - 1.0
+
+
+def test_resume_is_exact_and_run_writes_outputs(tmp_path, monkeypatch):
   straight = str(tmp_path / "straight")
   split = str(tmp_path / "split")
   summary = teachers.train_teachers(_smoke(), straight)
+  clock = _FakeClock(0.0)
+  monkeypatch.setattr(train, "time", clock)
   stopped = teachers.train_teachers(_smoke(stop_after_step=3), split)
   assert stopped == {"stopped_at_step": 3}
-  teachers.train_teachers(_smoke(), split)
+  ckpt = checkpointing.Checkpointer(os.path.join(split, "checkpoints"))
+  first_seconds = ckpt.restore_meta(3)["seconds"]
+  ckpt.close()
+  clock.now = 1000.0
+  resumed = teachers.train_teachers(_smoke(), split)
+  monkeypatch.undo()
+  # Wall time adds up over the interrupted and the resumed process: the
+  # resumed run started its clock at 1000 and its last call was clock.now-1.
+  assert first_seconds > 0
+  assert resumed["seconds"] == first_seconds + (clock.now - 1.0 - 1000.0)
   step_a, a = _latest_state(straight)
   step_b, b = _latest_state(split)
   assert step_a == step_b == 8
