@@ -28,18 +28,19 @@ def get_config(arg=None):
   config.teacher.ensemble_size = 4
   config.teacher.batch_size = 50
   config.teacher.epochs = 15
+  # One warm-up epoch, ramped per step: with only 20 steps per epoch, the
+  # official per-epoch ramp would jump 100x at once (see README).
   config.teacher.optim = configlib.optim_config(
-      learning_rate=0.1, weight_decay=5e-4, milestones=(2, 8, 15))
+      learning_rate=0.1, weight_decay=5e-4, milestones=(2, 8, 15),
+      granularity="step")
   config.teacher.eval_every_epochs = 5
 
   config.student.ensemble_size = 4
   config.student.batch_size = 50
   config.student.epochs = 6
-  # No warm-up epoch for the students: on this tiny setting one epoch at 1%
-  # LR left the BatchEnsemble students stuck near chance (see README).
   config.student.optim = configlib.optim_config(
       learning_rate=0.05, fast_learning_rate=0.025, weight_decay=5e-4,
-      milestones=(1, 3, 6))
+      milestones=(2, 3, 6), granularity="step")
   config.student.eval_every_epochs = 3
 
   config.kd.alpha = 0.9

@@ -52,6 +52,9 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
   c.warmup_factor = 0.01
   c.final_factor = 0.01
   c.warmup_epochs = 5  # Cosine schedule only.
+  # 'epoch' (official: LR constant within an epoch) or 'step' (the same
+  # curve at the fractional epoch; smooths a short warm-up).
+  c.granularity = "epoch"
   c.update(overrides)
   return c
 
@@ -204,6 +207,8 @@ _CHOICES = {
     "eval.schedule": ("every", "official"),
     "teacher.optim.schedule": ("warmup_linear", "cosine", "constant"),
     "student.optim.schedule": ("warmup_linear", "cosine", "constant"),
+    "teacher.optim.granularity": ("epoch", "step"),
+    "student.optim.granularity": ("epoch", "step"),
 }
 
 

@@ -46,18 +46,37 @@ def cosine_factor(epoch, total_epochs: int, warmup_epochs: int = 0,
   warm = warmup_factor + (1 - warmup_factor) * (e - 1) / max(warmup_epochs, 1)
   progress = (e - 1 - warmup_epochs) / max(total_epochs - warmup_epochs, 1)
   cos = 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
-  return jnp.where(e <= warmup_epochs, warm, cos)
+  return jnp.where(e < warmup_epochs + 1, warm, cos)
 
 
 def epoch_schedule(base_lr: float, *, steps_per_epoch: int, total_epochs: int,
                    schedule: str = "warmup_linear",
                    milestones: Sequence[int] = (5, 150, 270),
                    warmup_factor: float = 0.01, final_factor: float = 0.01,
-                   warmup_epochs: int = 5) -> optax.Schedule:
-  """An optax schedule of the step count, constant within each epoch."""
+                   warmup_epochs: int = 5,
+                   granularity: str = "epoch") -> optax.Schedule:
+  """An optax schedule of the step count.
+
+  Args:
+    granularity: 'epoch' (official) keeps the LR constant within an epoch;
+      'step' evaluates the same piecewise-linear factor at the fractional
+      epoch `1 + count / steps_per_epoch`, so the warm-up ramps every step.
+      Why it exists: with a one-epoch warm-up, 'epoch' jumps 100x at the
+      epoch boundary, where the momentum buffer already holds about ten
+      gradients of the barely trained network; that first full-LR update
+      collapsed small BatchEnsemble students to chance (README, "Known
+      issues").
+  """
+  if granularity not in ("epoch", "step"):
+    raise ValueError(
+        f"Unknown schedule granularity {granularity!r}; use 'epoch' or "
+        "'step'.")
 
   def lr(count):
-    epoch = count // steps_per_epoch + 1
+    if granularity == "epoch":
+      epoch = count // steps_per_epoch + 1
+    else:
+      epoch = jnp.asarray(count, jnp.float32) / steps_per_epoch + 1
     if schedule == "warmup_linear":
       f = warmup_linear_factor(epoch, milestones, warmup_factor, final_factor)
     elif schedule == "cosine":
@@ -88,7 +107,8 @@ def make_optimizer(*, steps_per_epoch: int, total_epochs: int,
                    schedule: str = "warmup_linear",
                    milestones: Sequence[int] = (5, 150, 270),
                    warmup_factor: float = 0.01, final_factor: float = 0.01,
-                   warmup_epochs: int = 5) -> optax.GradientTransformation:
+                   warmup_epochs: int = 5,
+                   granularity: str = "epoch") -> optax.GradientTransformation:
   """SGD + coupled L2 with a separate fast-weight group.
 
   Because every transformation is elementwise, the same optimiser applied to
@@ -97,7 +117,7 @@ def make_optimizer(*, steps_per_epoch: int, total_epochs: int,
   sched = dict(steps_per_epoch=steps_per_epoch, total_epochs=total_epochs,
                schedule=schedule, milestones=tuple(milestones),
                warmup_factor=warmup_factor, final_factor=final_factor,
-               warmup_epochs=warmup_epochs)
+               warmup_epochs=warmup_epochs, granularity=granularity)
 
   def group(lr, wd):
     return optax.chain(

@@ -25,6 +25,26 @@ def test_schedule_is_constant_within_an_epoch():
   assert float(lr(40)) == pytest.approx(0.05)
 
 
+def test_step_granularity_is_the_piecewise_linear_curve():
+  """'step' follows np.interp through the milestones at fractional epochs."""
+  steps = 7
+  lr = optim.epoch_schedule(0.1, steps_per_epoch=steps, total_epochs=12,
+                            milestones=(2, 5, 10), granularity="step")
+  counts = np.arange(12 * steps)
+  epochs = 1 + counts / steps
+  want = 0.1 * np.interp(epochs, [1, 2, 5, 10], [0.01, 1, 1, 0.01])
+  got = np.array([float(lr(c)) for c in counts])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # At epoch boundaries both granularities agree.
+  per_epoch = optim.epoch_schedule(0.1, steps_per_epoch=steps, total_epochs=12,
+                                   milestones=(2, 5, 10))
+  for c in range(0, 12 * steps, steps):
+    assert float(per_epoch(c)) == pytest.approx(float(lr(c)), rel=1e-5)
+  with pytest.raises(ValueError, match="granularity"):
+    optim.epoch_schedule(0.1, steps_per_epoch=1, total_epochs=1,
+                         granularity="batch")
+
+
 def test_cosine_schedule_ends_at_zero():
   assert float(optim.cosine_factor(1, 100, 0)) == pytest.approx(1.0)
   assert float(optim.cosine_factor(101, 100, 0)) == pytest.approx(0.0, abs=1e-6)
