@@ -349,8 +349,10 @@ def _load_tinyimagenet(data_dir: str | None):
       test_labels.append(class_of[wnid])
   test = (_read_images(test_paths), np.asarray(test_labels, np.int32))
   try:
-    np.savez(cache, train_images=train[0], train_labels=train[1],
-             test_images=test[0], test_labels=test[1])
+    with open(f"{cache}.tmp-{os.getpid()}", "wb") as f:
+      np.savez(f, train_images=train[0], train_labels=train[1],
+               test_images=test[0], test_labels=test[1])
+    os.replace(f"{cache}.tmp-{os.getpid()}", cache)
   except OSError:
     pass  # Read-only dataset folder: decode again next time.
   return train, test

@@ -6,10 +6,14 @@ Kept short on purpose: every job is a library function taking
 `(config, workdir)`, callable from Python or Colab without absl.
 """
 
+import os
+import pickle
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from divdistill_jax import jobs
+from divdistill_jax import jobs, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -24,7 +28,37 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # orbax logs every save/restore at INFO; keep the console for progress.
   logging.set_verbosity(logging.WARNING)
-  jobs.run_job(FLAGS.config, FLAGS.workdir)
+  try:
+    jobs.run_job(FLAGS.config, FLAGS.workdir)
+  except train.Preempted as e:
+    # 128 + signal number, as a shell reports a process the signal killed,
+    # so schedulers see a terminated (resumable) job.
+    print(f"divdistill: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except Exception as e:  # pylint: disable=broad-except
+    if not _raised_by_our_checks(e):
+      raise
+    print(f"divdistill: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _raised_by_our_checks(e: BaseException) -> bool:
+  """True when one of this package's input checks raised `e`.
+
+  Those messages name the problem and the fix, so they are printed alone;
+  anything raised elsewhere (a bug, JAX) keeps its full traceback.
+  """
+  if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError,
+                        pickle.UnpicklingError)):
+    return False
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and os.path.abspath(
+      tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep)
 
 
 def run():

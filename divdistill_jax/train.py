@@ -101,6 +101,10 @@ class TrainingDiverged(RuntimeError):
 class Preempted(RuntimeError):
   """Raised after a clean save when SIGTERM/SIGINT stopped the run."""
 
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
 
 def setup_runtime(config: ml_collections.ConfigDict) -> None:
   """Process-wide JAX settings: distributed init, RNG, compilation cache."""
@@ -208,7 +212,7 @@ class _StopSignal:
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.received = signal.Signals(signum).name
+    self.received = signal.Signals(signum)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -253,8 +257,8 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
     logging_utils.log(f"[{task.name}] resumed from step {start} in {workdir}")
   start = start or 0
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(cfg_json, f, indent=2, sort_keys=True)
+    checkpointing.write_json(os.path.join(workdir, "config.json"), cfg_json,
+                             indent=2, sort_keys=True)
 
   total = task.steps_per_epoch * task.epochs
   stop_at = total if config.stop_after_step is None else min(
@@ -294,9 +298,9 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
               "seconds": earlier_seconds + time.time() - t0})
         if stop.received:
           raise Preempted(
-              f"[{task.name}] {stop.received} at step {done_steps}: saved a "
-              f"checkpoint in {workdir}; rerun the same command to resume."
-          )
+              f"[{task.name}] {stop.received.name} at step {done_steps}: "
+              f"saved a checkpoint in {workdir}; rerun the same command to "
+              "resume.", stop.received)
   finally:
     progress.close()
     writer.close()
@@ -347,7 +351,9 @@ def _finish(task, state, workdir, mesh, config, splits, seconds, extra):
       **extra,
   }
   if jax.process_index() == 0:
-    np.savez(os.path.join(workdir, "predictions.npz"), **arrays)
-    with open(os.path.join(workdir, "done.json"), "w") as f:
-      json.dump(summaries, f, indent=2)
+    # done.json last: its presence means every output above is complete.
+    checkpointing.write_npz(os.path.join(workdir, "predictions.npz"),
+                            **arrays)
+    checkpointing.write_json(os.path.join(workdir, "done.json"), summaries,
+                             indent=2)
   return summaries
