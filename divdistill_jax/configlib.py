@@ -129,6 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel = ml_collections.ConfigDict()
   c.parallel.num_devices = config_dict.placeholder(int)  # None = all.
   c.parallel.distributed = False  # Call jax.distributed.initialize().
+  # Passed to jax.distributed.initialize; None = detect (TPU pods, SLURM,
+  # Open MPI, Kubernetes). Set all three elsewhere (e.g. GPU hosts, or two
+  # local CPU processes on loopback).
+  c.parallel.coordinator_address = config_dict.placeholder(str)
+  c.parallel.num_processes = config_dict.placeholder(int)
+  c.parallel.process_id = config_dict.placeholder(int)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000

@@ -13,10 +13,19 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-  """Calls `jax.distributed.initialize()` once for multi-process runs."""
+def maybe_initialize_distributed(enabled: bool, *,
+                                 coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Calls `jax.distributed.initialize` once for multi-process runs.
+
+  Arguments left None are detected by JAX (TPU pods, SLURM, Open MPI,
+  Kubernetes); elsewhere pass all three.
+  """
   if enabled and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

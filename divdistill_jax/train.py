@@ -108,7 +108,10 @@ class Preempted(RuntimeError):
 
 def setup_runtime(config: ml_collections.ConfigDict) -> None:
   """Process-wide JAX settings: distributed init, RNG, compilation cache."""
-  parallel.maybe_initialize_distributed(config.parallel.distributed)
+  p = config.parallel
+  parallel.maybe_initialize_distributed(
+      p.distributed, coordinator_address=p.coordinator_address,
+      num_processes=p.num_processes, process_id=p.process_id)
   # Fix the RNG implementation so random streams do not change with JAX's
   # default (ANCHORS 4).
   jax.config.update("jax_threefry_partitionable", True)
