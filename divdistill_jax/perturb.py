@@ -134,12 +134,12 @@ def disagreement(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
     p_bar = jax.nn.softmax(all_logits(x) / temperature, -1).mean(0)
     scale = scale * p_bar.max(-1).reshape((-1,) + (1,) * (x.ndim - 1))
 
-  def body(_, current):
-    grad, _ = jax.grad(objective, has_aux=True)(current)
-    return jnp.clip(current + scale * normalised_direction(grad, norm),
-                    0.0, 1.0)
-
-  out = jax.lax.fori_loop(0, num_steps, body, x)
+  # A Python loop: num_steps is small and static, and unrolled steps
+  # compiled 2x faster per step than a fori_loop on CPU (benchmark.py).
+  out = x
+  for _ in range(num_steps):
+    grad, _ = jax.grad(objective, has_aux=True)(out)
+    out = jnp.clip(out + scale * normalised_direction(grad, norm), 0.0, 1.0)
   return jax.lax.stop_gradient(out)
 
 

@@ -1,0 +1,364 @@
+"""Step-time benchmark of the teacher and student steps.
+
+Times, after compilation, the real jitted steps of `teachers.py` and
+`distill.py` (synthetic uint8 data, random teachers) and reports the median
+ms/step, images/s, compile time, peak device memory, the analytic FLOPs of
+the convolutions and matmuls (`divdistill_jax.flops`), the achieved TFLOP/s
+and, on known GPUs, the fraction of the card's peak.
+
+  # CPU: tiny shapes, both host cores as a 2-device mesh where asked.
+  python experiments/benchmark.py --quick --out=/tmp/bench_cpu
+  # GPU: the paper's shapes (WRN-28-10 / CIFAR-100, ResNet-32 / CIFAR-10).
+  python experiments/benchmark.py --out=/tmp/bench_gpu
+  # FLOP counts of the paper's shapes only (no device time; works on CPU).
+  python experiments/benchmark.py --flops_only --out=/tmp/bench_flops
+
+Writes `benchmark.json` and `benchmark.md` into --out. Ratios are only
+meaningful between rows of the same run (same machine, same moment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("kd", "gaussian", "ods", "confods", "disagreement")
+
+# Dense peak FLOP/s by device kind (NVIDIA datasheets, SXM parts). XLA runs
+# float32 convolutions and matmuls as TF32 on these cards by default.
+PEAK_FLOPS = {
+    "H100": {"bfloat16": 989.4e12, "float32": 494.7e12},
+    "H200": {"bfloat16": 989.4e12, "float32": 494.7e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+}
+
+# The issue's reference: official PyTorch code on an H200 (TF32), median
+# ms/step, synthetic data on the GPU.
+REFERENCE_MS = {
+    "student wrn28x10 confods 16x4": 75.0,  # 70-80 ms.
+    "student wrn28x10 confods 64x4": 203.0,
+    "teacher wrn28x10 M=1 b64": 22.5,
+    "teacher wrn28x10 M=1 b256": 72.0,
+    "student resnet32 confods 128x4": 97.0,
+    "teacher resnet32 M=1 b512": 33.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One benchmarked step."""
+  name: str
+  kind: str  # 'teacher' | 'student'.
+  config_file: str
+  batch: int  # Teacher: images per member; student: images.
+  members: int = 4
+  method: str = "kd"
+  strategy: str = "unroll"
+  fused: bool = False
+  devices: int | None = None  # None = all.
+  dtype: str = "float32"
+
+
+def paper_cases(dtypes) -> list[Case]:
+  cases = []
+  for dtype in dtypes:
+    c100, c10 = "cifar100_wrn28x10", "cifar10_resnet32"
+    for b in (64, 256):
+      cases.append(Case(f"teacher wrn28x10 M=1 b{b}", "teacher", c100, b, 1,
+                        dtype=dtype))
+    for strategy in ("unroll", "vmap"):
+      cases.append(Case(f"teacher wrn28x10 M=4 b64 {strategy}", "teacher",
+                        c100, 64, 4, strategy=strategy, dtype=dtype))
+    for method in METHODS:
+      cases.append(Case(f"student wrn28x10 {method} 16x4", "student", c100,
+                        16, method=method, dtype=dtype))
+    cases.append(Case("student wrn28x10 confods 16x4 fused", "student", c100,
+                      16, method="confods", fused=True, dtype=dtype))
+    cases.append(Case("student wrn28x10 kd 64x4", "student", c100, 64,
+                      dtype=dtype))
+    cases.append(Case("student wrn28x10 confods 64x4", "student", c100, 64,
+                      method="confods", dtype=dtype))
+    cases.append(Case("teacher resnet32 M=1 b512", "teacher", c10, 512, 1,
+                      dtype=dtype))
+    for strategy in ("unroll", "vmap"):
+      cases.append(Case(f"teacher resnet32 M=4 b128 {strategy}", "teacher",
+                        c10, 128, 4, strategy=strategy, dtype=dtype))
+    for method in ("kd", "confods"):
+      cases.append(Case(f"student resnet32 {method} 128x4", "student", c10,
+                        128, method=method, dtype=dtype))
+  return cases
+
+
+def quick_cases(dtypes) -> list[Case]:
+  """Tiny shapes for a CPU: ResNet-8 on 32x32x3, one and two devices."""
+  cases = []
+  q = "quick"
+  for dtype in dtypes:
+    cases.append(Case("teacher M=1 b32", "teacher", q, 32, 1, dtype=dtype,
+                      devices=1))
+    for strategy in ("unroll", "vmap"):
+      cases.append(Case(f"teacher M=4 b32 {strategy}", "teacher", q, 32, 4,
+                        strategy=strategy, dtype=dtype, devices=1))
+    for method in METHODS:
+      cases.append(Case(f"student {method} 32x4", "student", q, 32,
+                        method=method, dtype=dtype, devices=1))
+    cases.append(Case("student confods 32x4 fused", "student", q, 32,
+                      method="confods", fused=True, dtype=dtype, devices=1))
+    cases.append(Case("teacher M=4 b32 unroll, 2 devices", "teacher", q, 32,
+                      4, dtype=dtype, devices=2))
+    cases.append(Case("student confods 32x4, 2 devices", "student", q, 32,
+                      method="confods", dtype=dtype, devices=2))
+  return cases
+
+
+def load_config(case: Case):
+  """The case's config file with the benchmark's overrides."""
+  from divdistill_jax import configlib  # pylint: disable=g-import-not-at-top
+  if case.config_file == "quick":
+    config = configlib.base_config()
+    config.data.name = "cifar10"
+    config.model.name = "resnet8"
+    config.kd.temperature = 4.0
+    configlib.apply_variants(config, None)
+  else:
+    path = os.path.join(ROOT, "configs", f"{case.config_file}.py")
+    spec = importlib.util.spec_from_file_location(case.config_file, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(None)
+  config.unlock()
+  config.model.dtype = case.dtype
+  config.model.ensemble_strategy = case.strategy
+  config.perturb.method = case.method
+  config.parallel.num_devices = case.devices
+  config.teacher.ensemble_size = case.members
+  config.student.ensemble_size = case.members
+  config.teacher.batch_size = case.batch
+  config.student.batch_size = case.batch
+  config.student.fused_passes = case.fused
+  config.teacher.bn_group_size = None
+  config.student.bn_group_size = None
+  config.lock()
+  return config
+
+
+def build(case: Case):
+  """(task, images, labels, images per step) with synthetic data."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from divdistill_jax import data, distill, ensemble, parallel, teachers
+  config = load_config(case)
+  info = data.dataset_info(config.data.name)
+  mesh = parallel.make_mesh(config.parallel.num_devices)
+  rng = np.random.default_rng(0)
+  n = 2 * case.batch
+  splits = {"train": (
+      rng.integers(0, 256, (n, *info.image_shape), dtype=np.uint8),
+      rng.integers(0, info.num_classes, n, dtype=np.int32))}
+  if case.kind == "teacher":
+    task = teachers.make_teacher_task(config, mesh, splits)
+  else:
+    model = teachers.build_teacher_model(config)
+    sample = jnp.zeros((1, *info.image_shape), jnp.float32)
+    tvars = jax.jit(lambda k: ensemble.init_members(
+        model, k, case.members, sample))(jax.random.key(1))
+    task = distill.make_student_task(config, mesh, splits, model, tvars)
+  images, labels = task.batch_fn(0)
+  return task, images, labels
+
+
+def measure(case: Case, repeats: int, flops_only: bool) -> dict:
+  # pylint: disable=g-import-not-at-top
+  import jax
+
+  from divdistill_jax import flops
+  task, images, labels = build(case)
+  key = jax.random.key(0)
+  step_flops = flops.count(task.train_step, task.state, images, labels, key)
+  row = {**dataclasses.asdict(case), "images_per_step": task.images_per_step,
+         "gflop_per_step": step_flops / 1e9,
+         "gflop_per_image": step_flops / 1e9 / task.images_per_step}
+  if flops_only:
+    return row
+  t0 = time.perf_counter()
+  state, _ = task.train_step(task.state, images, labels, key)
+  jax.block_until_ready(state)
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, _ = task.train_step(state, images, labels, key)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t0)
+  median = statistics.median(times)
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  peak = PEAK_FLOPS.get(next((k for k in PEAK_FLOPS
+                              if k in device.device_kind), ""), {})
+  achieved = step_flops / median
+  row.update(
+      ms_per_step=median * 1e3, min_ms=min(times) * 1e3,
+      images_per_s=task.images_per_step / median,
+      compile_s=first - median,
+      peak_memory_gib=(stats["peak_bytes_in_use"] / 2**30
+                       if "peak_bytes_in_use" in stats else None),
+      tflops=achieved / 1e12,
+      fraction_of_peak=(achieved / peak[case.dtype]
+                        if case.dtype in peak else None))
+  return row
+
+
+def _fmt(value, digits=1):
+  if value is None:
+    return "–"
+  return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _by_name(rows):
+  return {(r["name"], r["dtype"]): r for r in rows}
+
+
+def summary(rows: list[dict]) -> list[str]:
+  """Ratios measured within this run."""
+  lines = []
+  named = _by_name(rows)
+  timed = "ms_per_step" in rows[0]
+  for (name, dtype), r in named.items():
+    if " confods " not in f" {name} " or "fused" in name or ", 2" in name:
+      continue
+    kd = named.get((name.replace("confods", "kd"), dtype))
+    if kd:
+      text = (f"- {name} ({dtype}) / KD: FLOP ratio "
+              f"{r['gflop_per_step'] / kd['gflop_per_step']:.2f}")
+      if timed:
+        text += f", time ratio {r['ms_per_step'] / kd['ms_per_step']:.2f}"
+      lines.append(text)
+    fused = named.get((name + " fused", dtype))
+    if fused and timed:
+      lines.append(f"- {name} ({dtype}): fused passes "
+                   f"{fused['ms_per_step']:.1f} ms vs two passes "
+                   f"{r['ms_per_step']:.1f} ms")
+    two = named.get((name + ", 2 devices", dtype))
+    if two and timed:
+      lines.append(f"- {name} ({dtype}): 2 devices {two['ms_per_step']:.1f} "
+                   f"ms vs 1 device {r['ms_per_step']:.1f} ms")
+  if timed:
+    for (name, dtype), r in named.items():
+      if "M=1" not in name:
+        continue
+      for strategy in ("unroll", "vmap"):
+        prefix = name.replace("M=1", "M=4").split(" b")[0]
+        multi = [v for (n, d), v in named.items() if d == dtype
+                 and n.startswith(prefix) and n.endswith(strategy)]
+        for m in multi:
+          per_member = m["batch"]
+          single = named.get((f"{name.split(' b')[0]} b{per_member}", dtype))
+          if single:
+            lines.append(
+                f"- {m['name']} ({dtype}): {m['ms_per_step']:.1f} ms vs 4 "
+                f"separate one-member steps {4 * single['ms_per_step']:.1f} "
+                "ms")
+      two = named.get((name.replace("M=1", "M=4") + " unroll, 2 devices",
+                       dtype))
+      base = named.get((name.replace("M=1", "M=4") + " unroll", dtype))
+      if two and base:
+        lines.append(f"- {base['name']} ({dtype}): 2 devices "
+                     f"{two['ms_per_step']:.1f} ms vs 1 device "
+                     f"{base['ms_per_step']:.1f} ms")
+  return sorted(set(lines))
+
+
+def markdown(rows: list[dict], header: dict) -> str:
+  timed = "ms_per_step" in rows[0]
+  out = [f"Device: {header['device']} ({header['device_count']} devices), "
+         f"jax {header['jax']}, {header['date']}.", ""]
+  if timed:
+    out += ["| step | dtype | ms/step | img/s | compile s | GFLOP/img | "
+            "TFLOP/s | % peak | peak GiB | reference ms |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+      pct = (None if r["fraction_of_peak"] is None
+             else 100 * r["fraction_of_peak"])
+      out.append(
+          f"| {r['name']} | {r['dtype']} | {_fmt(r['ms_per_step'])} | "
+          f"{_fmt(r['images_per_s'], 0)} | {_fmt(r['compile_s'])} | "
+          f"{_fmt(r['gflop_per_image'])} | {_fmt(r['tflops'], 2)} | "
+          f"{_fmt(pct)} | {_fmt(r['peak_memory_gib'], 2)} | "
+          f"{_fmt(REFERENCE_MS.get(r['name']))} |")
+  else:
+    out += ["| step | dtype | GFLOP/step | GFLOP/img |", "|---|---|---:|---:|"]
+    for r in rows:
+      out.append(f"| {r['name']} | {r['dtype']} | "
+                 f"{_fmt(r['gflop_per_step'])} | "
+                 f"{_fmt(r['gflop_per_image'])} |")
+  lines = summary(rows)
+  if lines:
+    out += ["", "Within this run:", *lines]
+  return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True, help="Output folder.")
+  parser.add_argument("--quick", action="store_true",
+                      help="Tiny CPU shapes instead of the paper's.")
+  parser.add_argument("--flops_only", action="store_true",
+                      help="Count FLOPs, time nothing.")
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--dtypes", default=None,
+                      help="Comma-separated; default float32,bfloat16 on "
+                      "the paper shapes and float32 with --quick.")
+  parser.add_argument("--only", default="",
+                      help="Keep cases whose name contains this text.")
+  parser.add_argument("--host_devices", type=int, default=2,
+                      help="CPU devices to expose (set before JAX starts).")
+  args = parser.parse_args(argv)
+  if "jax" not in sys.modules:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={args.host_devices}")
+  # pylint: disable=g-import-not-at-top
+  import jax
+  jax.config.update("jax_threefry_partitionable", True)
+  dtypes = (args.dtypes or ("float32" if args.quick
+                            else "float32,bfloat16")).split(",")
+  cases = quick_cases(dtypes) if args.quick else paper_cases(dtypes)
+  cases = [c for c in cases if args.only in c.name]
+  header = {"device": jax.devices()[0].device_kind,
+            "device_count": jax.device_count(), "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "command": " ".join(["python experiments/benchmark.py",
+                                 *(argv if argv is not None
+                                   else sys.argv[1:])])}
+  rows = []
+  for case in cases:
+    if case.devices and case.devices > jax.device_count():
+      continue
+    row = measure(case, args.repeats, args.flops_only)
+    rows.append(row)
+    print(json.dumps({k: row[k] for k in row if k in (
+        "name", "dtype", "ms_per_step", "gflop_per_image", "tflops")}),
+        flush=True)
+  os.makedirs(args.out, exist_ok=True)
+  result = {"header": header, "rows": rows}
+  with open(os.path.join(args.out, "benchmark.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  text = markdown(rows, header)
+  with open(os.path.join(args.out, "benchmark.md"), "w") as f:
+    f.write(text)
+  print(text)
+  return result
+
+
+if __name__ == "__main__":
+  main()
