@@ -224,6 +224,11 @@ def _fmt(value, digits=1):
   return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _sig(value):
+  """Three significant digits (FLOP counts span 0.07 to 8000 GFLOP)."""
+  return f"{value:#.3g}".rstrip(".")
+
+
 def _by_name(rows):
   return {(r["name"], r["dtype"]): r for r in rows}
 
@@ -292,15 +297,15 @@ def markdown(rows: list[dict], header: dict) -> str:
       out.append(
           f"| {r['name']} | {r['dtype']} | {_fmt(r['ms_per_step'])} | "
           f"{_fmt(r['images_per_s'], 0)} | {_fmt(r['compile_s'])} | "
-          f"{_fmt(r['gflop_per_image'])} | {_fmt(r['tflops'], 2)} | "
+          f"{_sig(r['gflop_per_image'])} | {_sig(r['tflops'])} | "
           f"{_fmt(pct)} | {_fmt(r['peak_memory_gib'], 2)} | "
           f"{_fmt(REFERENCE_MS.get(r['name']))} |")
   else:
     out += ["| step | dtype | GFLOP/step | GFLOP/img |", "|---|---|---:|---:|"]
     for r in rows:
       out.append(f"| {r['name']} | {r['dtype']} | "
-                 f"{_fmt(r['gflop_per_step'])} | "
-                 f"{_fmt(r['gflop_per_image'])} |")
+                 f"{_sig(r['gflop_per_step'])} | "
+                 f"{_sig(r['gflop_per_image'])} |")
   lines = summary(rows)
   if lines:
     out += ["", "Within this run:", *lines]

@@ -1,0 +1,58 @@
+"""bf16 compute: float32 parameters, statistics, losses and perturbations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from divdistill_jax import ensemble, perturb
+from divdistill_jax.models import get_model
+
+
+def _models(**kwargs):
+  return (get_model("resnet8", num_classes=10, **kwargs),
+          get_model("resnet8", num_classes=10, dtype="bfloat16", **kwargs))
+
+
+def test_bf16_model_matches_fp32_with_fp32_state():
+  fp32, bf16 = _models()
+  x = jax.random.uniform(jax.random.key(0), (8, 32, 32, 3))
+  variables = fp32.init(jax.random.key(1), x, train=False)
+  ref, ref_stats = fp32.apply(variables, x, train=True,
+                              mutable=["batch_stats"])
+  out, stats = bf16.apply(variables, x, train=True, mutable=["batch_stats"])
+  # bf16 keeps 8 bits of mantissa: logits agree to a few percent.
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1,
+                             rtol=0.05)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02)
+
+  def loss(params, model):
+    logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"])
+    return jax.nn.log_softmax(logits.astype(jnp.float32)).mean()
+
+  grads = jax.grad(loss)(variables["params"], bf16)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_bf16_batchensemble_and_ods_norm():
+  _, be = _models(ensemble_size=2)
+  x = jax.random.uniform(jax.random.key(0), (2, 4, 32, 32, 3))
+  variables = be.init(jax.random.key(1), x, train=False)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  assert be.apply(variables, x, train=False).shape == (2, 4, 10)
+
+  _, teacher = _models()
+  tvars = ensemble.init_members(teacher, jax.random.key(2), 2, x[0, :1])
+  # Interior pixels, so that clipping leaves the step alone.
+  images = jax.random.uniform(jax.random.key(4), (4, 32, 32, 3),
+                              minval=0.2, maxval=0.8)
+  out = perturb.perturb(
+      "ods", jax.random.key(3), images,
+      lambda v, z: teacher.apply(v, z, train=False), tvars, step_size=1.0,
+      temperature=1.0)
+  assert out.dtype == jnp.float32
+  # The step is eta * sqrt(D) per example, computed in float32.
+  norms = np.linalg.norm(np.asarray(out - images).reshape(4, -1), axis=1)
+  np.testing.assert_allclose(norms, np.sqrt(32 * 32 * 3) / 255, rtol=1e-4)
