@@ -228,3 +228,17 @@ def test_corrupted_teacher_checkpoint_is_refused_without_running_code(
   assert "Could not read the teacher checkpoint" in err
   assert "Traceback" not in err
   assert not os.path.exists(marker)
+
+
+def test_only_our_own_checks_lose_their_traceback():
+  from divdistill_jax import main, parallel
+  ours = main._raised_by_our_checks  # pylint: disable=protected-access
+  with pytest.raises(ValueError) as info:
+    parallel.check_batch_size(30, parallel.make_mesh(4), "teacher.batch_size")
+  assert ours(info.value)
+  with pytest.raises((TypeError, ValueError)) as info:
+    jax.numpy.zeros(6).reshape(4, 4)  # Raised inside JAX: keep traceback.
+  assert not ours(info.value)
+  with pytest.raises(KeyError) as info:
+    {}["missing"]  # noqa: B018
+  assert not ours(info.value)
