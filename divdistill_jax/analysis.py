@@ -15,8 +15,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from divdistill_jax import (augment, checkpointing, configlib, ensemble,
-                            metrics, perturb)
+from divdistill_jax import (augment, configlib, ensemble, fileio, metrics,
+                            perturb)
 
 
 def teacher_diversity(config: ml_collections.ConfigDict, teacher_model,
@@ -71,4 +71,4 @@ def teacher_diversity(config: ml_collections.ConfigDict, teacher_model,
 
 def write_teacher_diversity(path: str, values: dict) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  checkpointing.write_npz(path, **values)
+  fileio.write_npz(path, **values)

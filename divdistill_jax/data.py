@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from divdistill_jax import fileio
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -349,10 +351,8 @@ def _load_tinyimagenet(data_dir: str | None):
       test_labels.append(class_of[wnid])
   test = (_read_images(test_paths), np.asarray(test_labels, np.int32))
   try:
-    with open(f"{cache}.tmp-{os.getpid()}", "wb") as f:
-      np.savez(f, train_images=train[0], train_labels=train[1],
-               test_images=test[0], test_labels=test[1])
-    os.replace(f"{cache}.tmp-{os.getpid()}", cache)
+    fileio.write_npz(cache, train_images=train[0], train_labels=train[1],
+                     test_images=test[0], test_labels=test[1])
   except OSError:
     pass  # Read-only dataset folder: decode again next time.
   return train, test

@@ -15,7 +15,7 @@ import os
 import ml_collections
 import numpy as np
 
-from divdistill_jax import checkpointing, configlib, metrics
+from divdistill_jax import configlib, fileio, metrics
 
 COLUMNS = (("acc", "ACC", 2), ("nll", "NLL", 3), ("bs", "BS", 3),
            ("ece", "ECE", 3), ("cnll", "cNLL", 3), ("cbs", "cBS", 3),
@@ -141,9 +141,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     student_seconds=seconds)
   results = {"rows": rows, "config": json.loads(config.to_json_best_effort())}
   table = format_table(rows)
-  checkpointing.write_json(os.path.join(workdir, "results.json"), results,
+  fileio.write_json(os.path.join(workdir, "results.json"), results,
                            indent=2)
-  checkpointing.write_text(os.path.join(workdir, "results.md"), table + "\n")
+  fileio.write_text(os.path.join(workdir, "results.md"), table + "\n")
   try:
     from divdistill_jax import plots  # pylint: disable=g-import-not-at-top
     plots.write_all(workdir, teacher_preds, students, rows)

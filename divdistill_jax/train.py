@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from divdistill_jax import checkpointing, data, logging_utils, parallel
+from divdistill_jax import (checkpointing, data, fileio, logging_utils,
+                            parallel)
 
 PyTree = Any
 # Config fields that may change between a run and its resumption.
@@ -260,7 +261,7 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
     logging_utils.log(f"[{task.name}] resumed from step {start} in {workdir}")
   start = start or 0
   if jax.process_index() == 0:
-    checkpointing.write_json(os.path.join(workdir, "config.json"), cfg_json,
+    fileio.write_json(os.path.join(workdir, "config.json"), cfg_json,
                              indent=2, sort_keys=True)
 
   total = task.steps_per_epoch * task.epochs
@@ -355,8 +356,8 @@ def _finish(task, state, workdir, mesh, config, splits, seconds, extra):
   }
   if jax.process_index() == 0:
     # done.json last: its presence means every output above is complete.
-    checkpointing.write_npz(os.path.join(workdir, "predictions.npz"),
+    fileio.write_npz(os.path.join(workdir, "predictions.npz"),
                             **arrays)
-    checkpointing.write_json(os.path.join(workdir, "done.json"), summaries,
+    fileio.write_json(os.path.join(workdir, "done.json"), summaries,
                              indent=2)
   return summaries

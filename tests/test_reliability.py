@@ -17,8 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT
-from orbax.checkpoint import StandardCheckpointer
+from conftest import ROOT, latest_checkpoint
 
 from divdistill_jax import checkpointing
 
@@ -62,16 +61,9 @@ def _checkpoint_steps(workdir):
   return sorted(steps)
 
 
-def _final_state(workdir):
-  step = _checkpoint_steps(workdir)[-1]
-  with StandardCheckpointer() as c:
-    return step, c.restore(os.path.join(workdir, "checkpoints", str(step),
-                                        "state"))
-
-
 def _assert_same_run(a, b):
-  step_a, state_a = _final_state(a)
-  step_b, state_b = _final_state(b)
+  step_a, state_a = latest_checkpoint(a)
+  step_b, state_b = latest_checkpoint(b)
   assert step_a == step_b
   jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
   with np.load(os.path.join(a, "predictions.npz")) as fa, np.load(
@@ -242,3 +234,18 @@ def test_only_our_own_checks_lose_their_traceback():
   with pytest.raises(KeyError) as info:
     {}["missing"]  # noqa: B018
   assert not ours(info.value)
+
+
+def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
+  from divdistill_jax import fileio
+  path = str(tmp_path / "done.json")
+  fileio.write_json(path, {"steps": 1})
+  # json.dump fails half-way (after writing '{"steps": 2, "bad": ').
+  with pytest.raises(TypeError):
+    fileio.write_json(path, {"steps": 2, "bad": object()})
+  with open(path) as f:
+    assert json.load(f) == {"steps": 1}
+  assert os.listdir(tmp_path) == ["done.json"]  # No temporary file left.
+  fileio.write_npz(str(tmp_path / "p.npz"), a=np.arange(3))
+  with np.load(tmp_path / "p.npz") as f:  # Exactly this name, no '.npz.npz'.
+    np.testing.assert_array_equal(f["a"], np.arange(3))
