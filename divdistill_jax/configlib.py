@@ -15,6 +15,9 @@ Variants:
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -57,6 +60,19 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
   c.granularity = "epoch"
   c.update(overrides)
   return c
+
+
+def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, as `--config=path:arg` would give.
+
+  For Python and notebooks, where the absl flag is not used.
+  """
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"divdistill_config_{name}",
+                                                path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def base_config() -> ml_collections.ConfigDict:

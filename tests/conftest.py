@@ -10,11 +10,12 @@ os.environ.setdefault(
     "DIVDISTILL_COMPILE_CACHE",
     os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "xla"))
 
-import importlib.util  # noqa: E402
-
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
+from orbax.checkpoint import StandardCheckpointer  # noqa: E402
+
+from divdistill_jax import checkpointing, configlib  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 
@@ -25,11 +26,8 @@ CONFIG_FILES = ("quickstart", "cifar10_resnet32", "cifar100_wrn28x10",
 
 def load_config(name: str, arg: str | None = None, **overrides):
   """`configs/<name>.py:get_config(arg)`, with dotted-key overrides."""
-  spec = importlib.util.spec_from_file_location(
-      f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = configlib.from_file(os.path.join(ROOT, "configs", f"{name}.py"),
+                               arg)
   if overrides:
     config.unlock()
     for key, value in overrides.items():
@@ -40,6 +38,16 @@ def load_config(name: str, arg: str | None = None, **overrides):
       target[leaf] = value
     config.lock()
   return config
+
+
+def latest_checkpoint(workdir: str):
+  """(step, raw state pytree) of the newest complete checkpoint of a run."""
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = ckpt.latest_step()
+  ckpt.close()
+  with StandardCheckpointer() as c:
+    return step, c.restore(os.path.join(workdir, "checkpoints", str(step),
+                                        "state"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import latest_checkpoint, load_config
 
 from divdistill_jax import configlib, distill, jobs, teachers
 
@@ -75,16 +75,6 @@ def test_fused_pass_equals_two_passes_on_forward_statistics():
   np.testing.assert_allclose(both[:, batch:], kd, rtol=1e-4, atol=1e-4)
 
 
-def _final_state(workdir):
-  from orbax.checkpoint import StandardCheckpointer
-  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir,
-                                                         "checkpoints"))
-                 if s.isdigit())
-  with StandardCheckpointer() as c:
-    return c.restore(os.path.join(workdir, "checkpoints", str(steps[-1]),
-                                  "state"))
-
-
 def test_distill_resume_is_exact(teacher_dir, tmp_path):
   straight, split = str(tmp_path / "a"), str(tmp_path / "b")
   out = distill.distill(_student("confods", teacher_dir), straight)
@@ -92,8 +82,8 @@ def test_distill_resume_is_exact(teacher_dir, tmp_path):
                                   stop_after_step=3), split) == {
                                       "stopped_at_step": 3}
   distill.distill(_student("confods", teacher_dir), split)
-  jax.tree.map(np.testing.assert_array_equal, _final_state(straight),
-               _final_state(split))
+  jax.tree.map(np.testing.assert_array_equal, latest_checkpoint(straight)[1],
+               latest_checkpoint(split)[1])
   assert out["method"] == "confods"
   with np.load(os.path.join(straight, "predictions.npz")) as f:
     assert f["test_probs"].shape == (2, 64, 10)
@@ -105,7 +95,7 @@ def test_single_network_student(teacher_dir, tmp_path):
   distill.distill(config, str(tmp_path))
   with np.load(tmp_path / "predictions.npz") as f:
     assert f["validation_probs"].shape == (1, 64, 10)
-  state = _final_state(str(tmp_path))
+  state = latest_checkpoint(str(tmp_path))[1]
   names = [str(p) for p, _ in
            jax.tree_util.tree_leaves_with_path(state["params"])]
   assert not any("fast_" in n for n in names)  # A real single network.

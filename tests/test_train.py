@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import latest_checkpoint, load_config
 
 from divdistill_jax import checkpointing, optim, parallel, teachers, train
 
@@ -92,16 +92,6 @@ def test_batch_not_divisible_by_devices():
     teachers.make_teacher_task(config, mesh, train.load_splits(config))
 
 
-def _latest_state(workdir):
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = ckpt.latest_step()
-  from orbax.checkpoint import StandardCheckpointer
-  with StandardCheckpointer() as c:
-    state = c.restore(os.path.join(ckpt.directory, str(step), "state"))
-  ckpt.close()
-  return step, state
-
-
 class _FakeClock:
   """time.time() for train.py: +1 s per call, so elapsed times are exact."""
 
@@ -131,8 +121,8 @@ def test_resume_is_exact_and_run_writes_outputs(tmp_path, monkeypatch):
   # resumed run started its clock at 1000 and its last call was clock.now-1.
   assert first_seconds > 0
   assert resumed["seconds"] == first_seconds + (clock.now - 1.0 - 1000.0)
-  step_a, a = _latest_state(straight)
-  step_b, b = _latest_state(split)
+  step_a, a = latest_checkpoint(straight)
+  step_b, b = latest_checkpoint(split)
   assert step_a == step_b == 8
   # Bit-exact: parameters, BN statistics, optimiser state, best variables.
   jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -183,7 +173,7 @@ def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(train.TrainingDiverged,
                      match="at step 3: train/param_norm|at step 3: param_norm"):
     teachers.train_teachers(config, workdir)
-  step, state = _latest_state(workdir)
+  step, state = latest_checkpoint(workdir)
   assert step == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
 
