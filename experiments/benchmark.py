@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import statistics
@@ -128,11 +127,8 @@ def load_config(case: Case):
     config.kd.temperature = 4.0
     configlib.apply_variants(config, None)
   else:
-    path = os.path.join(ROOT, "configs", f"{case.config_file}.py")
-    spec = importlib.util.spec_from_file_location(case.config_file, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(None)
+    config = configlib.from_file(
+        os.path.join(ROOT, "configs", f"{case.config_file}.py"))
   config.unlock()
   config.model.dtype = case.dtype
   config.model.ensemble_strategy = case.strategy
@@ -229,58 +225,48 @@ def _sig(value):
   return f"{value:#.3g}".rstrip(".")
 
 
-def _by_name(rows):
-  return {(r["name"], r["dtype"]): r for r in rows}
+_CASE_FIELDS = tuple(f.name for f in dataclasses.fields(Case)
+                     if f.name != "name")
+
+
+def _partner(rows: list[dict], row: dict, **changes) -> dict | None:
+  """The row whose case equals `row`'s except for `changes`, if measured."""
+  want = {**{k: row[k] for k in _CASE_FIELDS}, **changes}
+  return next((r for r in rows if all(r[k] == v for k, v in want.items())),
+              None)
 
 
 def summary(rows: list[dict]) -> list[str]:
   """Ratios measured within this run."""
-  lines = []
-  named = _by_name(rows)
   timed = "ms_per_step" in rows[0]
-  for (name, dtype), r in named.items():
-    if " confods " not in f" {name} " or "fused" in name or ", 2" in name:
-      continue
-    kd = named.get((name.replace("confods", "kd"), dtype))
-    if kd:
-      text = (f"- {name} ({dtype}) / KD: FLOP ratio "
+  ms = lambda r: f"{r['ms_per_step']:.1f} ms"  # noqa: E731
+  lines = []
+  for r in rows:
+    label = f"- {r['name']} ({r['dtype']})"
+    kd = r["method"] == "confods" and _partner(rows, r, method="kd")
+    if r["kind"] == "student" and kd:
+      text = (f"{label} / KD: FLOP ratio "
               f"{r['gflop_per_step'] / kd['gflop_per_step']:.2f}")
       if timed:
         text += f", time ratio {r['ms_per_step'] / kd['ms_per_step']:.2f}"
       lines.append(text)
-    fused = named.get((name + " fused", dtype))
-    if fused and timed:
-      lines.append(f"- {name} ({dtype}): fused passes "
-                   f"{fused['ms_per_step']:.1f} ms vs two passes "
-                   f"{r['ms_per_step']:.1f} ms")
-    two = named.get((name + ", 2 devices", dtype))
-    if two and timed:
-      lines.append(f"- {name} ({dtype}): 2 devices {two['ms_per_step']:.1f} "
-                   f"ms vs 1 device {r['ms_per_step']:.1f} ms")
-  if timed:
-    for (name, dtype), r in named.items():
-      if "M=1" not in name:
-        continue
-      for strategy in ("unroll", "vmap"):
-        prefix = name.replace("M=1", "M=4").split(" b")[0]
-        multi = [v for (n, d), v in named.items() if d == dtype
-                 and n.startswith(prefix) and n.endswith(strategy)]
-        for m in multi:
-          per_member = m["batch"]
-          single = named.get((f"{name.split(' b')[0]} b{per_member}", dtype))
-          if single:
-            lines.append(
-                f"- {m['name']} ({dtype}): {m['ms_per_step']:.1f} ms vs 4 "
-                f"separate one-member steps {4 * single['ms_per_step']:.1f} "
-                "ms")
-      two = named.get((name.replace("M=1", "M=4") + " unroll, 2 devices",
-                       dtype))
-      base = named.get((name.replace("M=1", "M=4") + " unroll", dtype))
-      if two and base:
-        lines.append(f"- {base['name']} ({dtype}): 2 devices "
-                     f"{two['ms_per_step']:.1f} ms vs 1 device "
-                     f"{base['ms_per_step']:.1f} ms")
-  return sorted(set(lines))
+    if not timed:
+      continue
+    two_passes = r["fused"] and _partner(rows, r, fused=False)
+    if two_passes:
+      lines.append(f"- {two_passes['name']} ({r['dtype']}): fused passes "
+                   f"{ms(r)} vs two passes {ms(two_passes)}")
+    one_device = r["devices"] == 2 and _partner(rows, r, devices=1)
+    if one_device:
+      lines.append(f"- {one_device['name']} ({r['dtype']}): 2 devices "
+                   f"{ms(r)} vs 1 device {ms(one_device)}")
+    single = (r["kind"] == "teacher" and r["members"] > 1
+              and _partner(rows, r, members=1, strategy="unroll"))
+    if single:
+      lines.append(
+          f"{label}: {ms(r)} vs {r['members']} separate one-member steps "
+          f"{r['members'] * single['ms_per_step']:.1f} ms")
+  return lines
 
 
 def markdown(rows: list[dict], header: dict) -> str:

@@ -38,3 +38,27 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
       variables)
   ratio = row["gflop_per_step"] * 1e9 / forward
   assert 2.5 < ratio < 3.0, ratio
+
+
+def test_summary_pairs_rows_that_differ_in_one_field():
+  def row(ms, gflop, **fields):
+    case = benchmark.Case(**{"name": "", "kind": "student",
+                             "config_file": "quick", "batch": 32,
+                             "devices": 1, **fields})
+    name = case.name or f"{case.kind} {case.method}"
+    return {**vars(case), "name": name, "ms_per_step": ms,
+            "gflop_per_step": gflop}
+
+  rows = [row(100.0, 1.0), row(190.0, 1.88, method="confods"),
+          row(250.0, 1.88, method="confods", fused=True, name="fused"),
+          row(300.0, 1.88, method="confods", devices=2, name="two"),
+          row(30.0, 1.0, kind="teacher", members=1, name="t1"),
+          row(90.0, 4.0, kind="teacher", name="t4")]
+  lines = benchmark.summary(rows)
+  assert lines == [
+      "- student confods (float32) / KD: FLOP ratio 1.88, time ratio 1.90",
+      "- student confods (float32): fused passes 250.0 ms vs two passes "
+      "190.0 ms",
+      "- student confods (float32): 2 devices 300.0 ms vs 1 device 190.0 ms",
+      "- t4 (float32): 90.0 ms vs 4 separate one-member steps 120.0 ms",
+  ]
