@@ -34,7 +34,7 @@ def get_config(arg=None):
   config.teacher.epochs = 30
   # Two warm-up epochs, ramped per step: with 10 steps per epoch, the
   # official per-epoch ramp jumps the LR 50x at once, which stalled the
-  # BatchEnsemble students (README, "Known issues").
+  # BatchEnsemble students (README, quick start, "Warm-up").
   config.teacher.optim = configlib.optim_config(
       learning_rate=0.1, weight_decay=5e-4, milestones=(3, 15, 30),
       granularity="step")

@@ -64,8 +64,8 @@ def epoch_schedule(base_lr: float, *, steps_per_epoch: int, total_epochs: int,
       Why it exists: with a one-epoch warm-up, 'epoch' jumps 100x at the
       epoch boundary, where the momentum buffer already holds about ten
       gradients of the barely trained network; that first full-LR update
-      collapsed small BatchEnsemble students to chance (README, "Known
-      issues").
+      collapsed small BatchEnsemble students to chance (README, quick
+      start, "Warm-up").
   """
   if granularity not in ("epoch", "step"):
     raise ValueError(
