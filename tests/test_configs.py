@@ -36,6 +36,20 @@ def test_paper_hyperparameters_cifar100():
   assert (c.kd.alpha, c.kd.temperature, c.perturb.step_size) == (0.9, 1.0, 1.0)
 
 
+def test_cifar100_batchnorm_groups_are_the_official_gpus_by_default():
+  """4 GPUs without SyncBN: 64 teacher images and 16 student images (x 4
+  members) per BatchNorm group and per ODS draw (PAPER_SPEC 6.7)."""
+  c = load_config("cifar100_wrn28x10", "confods")
+  assert (c.teacher.bn_group_size, c.student.bn_group_size) == (64, 16)
+  assert load_config("cifar100_wrn28x10", "ghostbn").student.bn_group_size \
+      == 16
+  c = load_config("cifar100_wrn28x10", "confods,syncbn")
+  assert (c.teacher.bn_group_size, c.student.bn_group_size) == (None, None)
+  # The single-GPU ResNet-32 runs used whole-batch statistics.
+  c = load_config("cifar10_resnet32", "confods")
+  assert (c.teacher.bn_group_size, c.student.bn_group_size) == (None, None)
+
+
 def test_paper_hyperparameters_cifar10():
   c = load_config("cifar10_resnet32", "ods")
   assert (c.teacher.batch_size, c.teacher.epochs) == (512, 200)
@@ -64,8 +78,29 @@ def test_unknown_key_and_wrong_type_fail():
     ("perturb.method", "odss", "perturb.method"),
     ("student.pairing", "random", "student.pairing"),
     ("kd.alpha", 1.5, "kd.alpha"),
+    ("kd.alpha", -0.1, "kd.alpha"),
+    ("kd.temperature", 0.0, "kd.temperature"),
     ("teacher.batch_size", 0, "teacher.batch_size"),
+    ("student.batch_size", -4, "student.batch_size"),
+    ("teacher.epochs", 0, "teacher.epochs"),
+    ("student.epochs", 0, "student.epochs"),
     ("pipeline.methods", "kd,foo", "pipeline.methods"),
+    ("perturb.step_size", -1.0, "perturb.step_size"),
+    ("perturb.step_size", "big", "perturb.step_size"),
+    ("perturb.auto_target_ratio", 0.0, "perturb.auto_target_ratio"),
+    ("perturb.num_steps", 0, "perturb.num_steps"),
+    ("student.bn_group_size", 7, "student.bn_group_size"),
+    ("teacher.bn_group_size", 0, "teacher.bn_group_size"),
+    ("student.optim.learning_rate", -0.1, "student.optim.learning_rate"),
+    ("teacher.optim.weight_decay", -1e-4, "teacher.optim.weight_decay"),
+    ("student.optim.momentum", 1.0, "student.optim.momentum"),
+    ("student.optim.warmup_factor", 0.0, "student.optim.warmup_factor"),
+    ("teacher.optim.milestones", (5, 3, 10), "teacher.optim.milestones"),
+    ("student.fast_init_std", -0.5, "student.fast_init_std"),
+    ("data.train_size", 0, "data.train_size"),
+    ("data.crop_padding", -1, "data.crop_padding"),
+    ("eval.ece_bins", 0, "eval.ece_bins"),
+    ("parallel.num_devices", 0, "parallel.num_devices"),
 ])
 def test_validate_names_the_field(field, value, message):
   config = load_config("quickstart")
@@ -79,16 +114,37 @@ def test_validate_names_the_field(field, value, message):
     configlib.validate(config)
 
 
-def test_command_line_rejects_unknown_override(tmp_path):
+def test_valid_edge_values_pass():
+  config = load_config("quickstart")
+  config.unlock()
+  config.perturb.step_size = "auto"
+  configlib.validate(config)
+  config.perturb.step_size = 0  # No perturbation: allowed.
+  config.kd.alpha = 1.0
+  config.student.bn_group_size = 25
+  configlib.validate(config)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.student.batch_sz=3",
+     "divdistill: error: --config.student.batch_sz: the config has no field "
+     "'batch_sz'. Did you mean \"batch_size\" instead of \"batch_sz\"?"),
+    ("--config.perturb.step_size=-1",
+     "divdistill: error: config.perturb.step_size = -1 must be a number >= 0"),
+    ("--config.student.batch_size=abc",
+     "divdistill: error: flag --config.student.batch_size=abc"),
+])
+def test_command_line_bad_values_print_one_line(tmp_path, override, message):
   import os
   import subprocess
   import sys
   from conftest import ROOT
   result = subprocess.run(
       [sys.executable, "-m", "divdistill_jax.main",
-       "--config=configs/quickstart.py:evaluate",
-       "--config.kd.nosuchkey=1", f"--workdir={tmp_path}"],
+       "--config=configs/quickstart.py:evaluate", override,
+       f"--workdir={tmp_path}"],
       cwd=ROOT, capture_output=True, text=True, timeout=120,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert result.returncode != 0
-  assert "nosuchkey" in result.stderr
+  assert result.returncode == 1
+  assert result.stderr.startswith(message), result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -41,6 +41,35 @@ def test_basic_metrics_against_loops():
       _ref_ece(p, y))
 
 
+def test_ece_hand_computed_where_binning_matters():
+  """Confidences on bin edges, bins of both signs of (accuracy - confidence).
+
+  With 4 bins (edges 0, .25, .5, .75, 1, exact in binary):
+    2 x conf 0.5,  both wrong     sum(acc - conf) = -1.0  -> (.25, .5]
+    4 x conf 0.6,  1 correct      sum = -1.4               -> (.5, .75]
+    4 x conf 0.75, all correct    sum = +1.0               -> (.5, .75]
+    4 x conf 0.9,  all correct    sum = +0.4               -> (.75, 1]
+    4 x conf 1.0,  all correct    sum =  0.0               -> (.75, 1]
+  ECE = (|-1.0| + |-1.4 + 1.0| + |0.4 + 0|) / 18 = 1.8 / 18 = 0.1.
+  Half-open [lo, hi) bins would give (2.4 + 1.4) / 18 and equal-mass bins
+  yet another value.
+  """
+  rows = [(0.5, 0, 2), (0.6, 1, 3), (0.75, 4, 0), (0.9, 4, 0), (1.0, 4, 0)]
+  probs, labels = [], []
+  for conf, right, wrong in rows:
+    p = [conf, (1 - conf) / 2, (1 - conf) / 2]
+    probs += [p] * (right + wrong)
+    labels += [0] * right + [1] * wrong
+  probs, labels = np.array(probs), np.array(labels)
+  assert metrics.expected_calibration_error(probs, labels, num_bins=4) == (
+      pytest.approx(0.1, abs=1e-12))
+  # Calibrated bins alone give zero.
+  calibrated = np.array([[0.75, 0.25]] * 4 + [[1.0, 0.0]] * 2)
+  assert metrics.expected_calibration_error(
+      calibrated, np.array([0, 0, 0, 1, 0, 0]), num_bins=4) == pytest.approx(
+          0.0, abs=1e-12)
+
+
 def test_perfect_uniform_and_boundary_cases():
   y = np.array([0, 1, 2, 1])
   perfect = np.eye(3)[y]

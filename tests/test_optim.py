@@ -83,7 +83,11 @@ def test_sgd_groups_match_pytorch_reference():
 
 
 def test_weight_decay_only_on_default_group():
-  params = {"a": {"kernel": jnp.ones(2), "fast_s": jnp.ones(2)}}
+  """Every non-fast parameter decays, BatchNorm scale and bias included
+  (the official coupled L2 over all slow parameters, PAPER_SPEC 6.4)."""
+  params = {"a": {"kernel": jnp.ones(2), "fast_s": jnp.ones(2)},
+            "BatchNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
+            "Dense_0": {"member_bias": jnp.ones(2), "fast_r": jnp.ones(2)}}
   tx = optim.make_optimizer(steps_per_epoch=1, total_epochs=1,
                             learning_rate=1.0, fast_learning_rate=1.0,
                             weight_decay=0.1, schedule="constant")
@@ -91,5 +95,9 @@ def test_weight_decay_only_on_default_group():
   updates, _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_allclose(updates["a"]["kernel"], -0.1)
   np.testing.assert_allclose(updates["a"]["fast_s"], 0.0)
+  np.testing.assert_allclose(updates["BatchNorm_0"]["scale"], -0.1)
+  np.testing.assert_allclose(updates["BatchNorm_0"]["bias"], -0.1)
+  np.testing.assert_allclose(updates["Dense_0"]["member_bias"], -0.1)
+  np.testing.assert_allclose(updates["Dense_0"]["fast_r"], 0.0)
   labels = optim.param_labels(params)
-  assert labels == {"a": {"kernel": "default", "fast_s": "fast"}}
+  assert labels["a"] == {"kernel": "default", "fast_s": "fast"}

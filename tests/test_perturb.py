@@ -58,6 +58,47 @@ def test_ods_direction_is_the_analytic_gradient(temperature):
                              rtol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["ods", "confods"])
+def test_ods_draws_a_member_and_weights_per_group(method):
+  """With groups, each group of images gets its own teacher member and w
+  (one official GPU each), and equals ODS run on that group alone."""
+  weights, x = _setup(7)
+  group = 2
+  keys, members = None, None
+  for seed in range(20):  # The first key whose groups draw different members.
+    key = jax.random.key(seed)
+    keys = jax.random.split(key, B // group)
+    members = [int(jax.random.randint(jax.random.split(k)[0], (), 0, M))
+               for k in keys]
+    if len(set(members)) > 1:
+      break
+  assert len(set(members)) > 1
+  out = perturb.perturb(method, key, x, linear_logits, weights, step_size=1.0,
+                        temperature=1.0, group_size=group)
+  for i, (k, m) in enumerate(zip(keys, members)):
+    rows = slice(i * group, (i + 1) * group)
+    alone = perturb.ods(k, x[rows], linear_logits, weights, step_size=1.0,
+                        temperature=1.0,
+                        confidence_scaled=method == "confods")
+    np.testing.assert_allclose(out[rows], alone, rtol=1e-6, atol=1e-7)
+    # The group's step lies in the span of ITS member's weight columns.
+    delta = np.asarray(out[rows] - x[rows], np.float64).reshape(group, -1)
+    q, _ = np.linalg.qr(np.asarray(weights[m], np.float64))
+    assert np.abs(delta - delta @ q @ q.T).max() < 1e-5
+    other = next(j for j in range(M) if j != m)
+    q, _ = np.linalg.qr(np.asarray(weights[other], np.float64))
+    assert np.abs(delta - delta @ q @ q.T).max() > 1e-4
+  # No groups (or one group the size of the batch): the official one draw.
+  whole = perturb.perturb(method, key, x, linear_logits, weights,
+                          step_size=1.0, temperature=1.0)
+  np.testing.assert_array_equal(
+      perturb.perturb(method, key, x, linear_logits, weights, step_size=1.0,
+                      temperature=1.0, group_size=B), whole)
+  with pytest.raises(ValueError, match="group_size=4 must divide"):
+    perturb.perturb(method, key, x, linear_logits, weights, step_size=1.0,
+                    temperature=1.0, group_size=4)
+
+
 def test_confods_norm_is_scaled_by_the_max_probability():
   weights, x = _setup(1)
   key = jax.random.key(4)
@@ -167,6 +208,48 @@ def test_disagreement_raises_mutual_information_most():
   multi = mi(perturb.perturb("disagreement", jax.random.key(0), x,
                              linear_logits, weights, num_steps=3, **kw))
   assert multi > base
+
+
+@pytest.mark.parametrize("num_steps,confidence_scaled",
+                         [(1, False), (3, False), (1, True), (3, True)])
+def test_disagreement_follows_its_formula(num_steps, confidence_scaled):
+  """num_steps steps of eta / num_steps along the normalised gradient of
+  mean_m KL(p_m || p_bar), each scaled by max_k p_bar(x) on the clean input
+  when confidence_scaled; gradients analytic, in float64."""
+  weights, x = _setup(6)
+  temperature = 2.0
+  eta = 2.0
+  out = perturb.perturb("disagreement", jax.random.key(0), x, linear_logits,
+                        weights, step_size=eta, temperature=temperature,
+                        num_steps=num_steps,
+                        confidence_scaled=confidence_scaled)
+  ws = np.asarray(weights, np.float64)
+
+  def probs(xf):
+    return np.stack([_softmax(xf @ w / temperature) for w in ws])
+
+  def mi_grad(xf):
+    # d/dz_m of sum_m' KL(p_m' || p_bar) / M is p_m * (l_m - <p_m, l_m>) / M
+    # with l_m = log p_m - log p_bar (the p_bar terms cancel); z = x W / T.
+    p = probs(xf)
+    ell = np.log(p) - np.log(p.mean(0))
+    dz = p * (ell - (p * ell).sum(-1, keepdims=True)) / len(ws)
+    return sum(dz[m] @ ws[m].T for m in range(len(ws))) / temperature
+
+  xf = np.asarray(x, np.float64).reshape(B, -1)
+  scale = np.full((B, 1), eta / 255 / num_steps)
+  if confidence_scaled:
+    scale = scale * probs(xf).mean(0).max(-1, keepdims=True)
+  want = xf
+  for _ in range(num_steps):
+    g = mi_grad(want)
+    d = g / np.linalg.norm(g, axis=1, keepdims=True) * np.sqrt(D)
+    want = np.clip(want + scale * d, 0, 1)
+  got = np.asarray(out, np.float64).reshape(B, -1)
+  np.testing.assert_allclose(got - xf, want - xf, rtol=2e-3, atol=2e-6)
+  # The total RMS move is at most eta (exactly eta for aligned steps).
+  rms = np.linalg.norm(got - xf, axis=1) / np.sqrt(D)
+  assert (rms <= eta / 255 * (1 + 1e-4)).all()
 
 
 def test_unknown_method():

@@ -182,3 +182,81 @@ def test_eval_schedule_official():
   assert train.eval_epochs(300, 30, 30, "official") == frozenset(
       [1, *range(30, 271, 30), *range(271, 301)])
   assert train.eval_epochs(10, 4) == frozenset([4, 8, 10])
+
+
+def _index_coded_splits(n):
+  """Images whose first two pixels spell their index; labels = index % 10."""
+  images = np.zeros((n, 28, 28, 1), np.uint8)
+  images[:, 0, 0, 0] = np.arange(n) // 256
+  images[:, 0, 1, 0] = np.arange(n) % 256
+  labels = (np.arange(n) % 10).astype(np.int32)
+  return {"train": (images, labels), "validation": (images[:8], labels[:8]),
+          "test": (images[:8], labels[:8])}
+
+
+def test_each_teacher_member_has_its_own_data_order():
+  """Member m sees its own permutation of the training set every epoch."""
+  n, batch = 70, 16
+  config = _smoke(**{"data.train_size": n, "teacher.batch_size": batch})
+  splits = _index_coded_splits(n)
+  task = teachers.make_teacher_task(config, parallel.make_mesh(1), splits)
+  steps = task.steps_per_epoch
+  assert steps == n // batch
+  orders = []
+  for epoch in range(2):
+    seen = [[], []]
+    for s in range(epoch * steps, (epoch + 1) * steps):
+      images, labels = task.batch_fn(s)
+      images, labels = np.asarray(images), np.asarray(labels)
+      assert images.shape == (2, batch, 28, 28, 1)
+      for m in range(2):
+        idx = images[m, :, 0, 0, 0].astype(int) * 256 + images[m, :, 0, 1, 0]
+        np.testing.assert_array_equal(labels[m], idx % 10)
+        seen[m].extend(idx.tolist())
+    for m in range(2):
+      # Distinct examples of the training set (the last partial batch of
+      # each epoch's permutation is dropped).
+      assert len(set(seen[m])) == steps * batch
+      assert set(seen[m]) <= set(range(n))
+    assert seen[0] != seen[1]
+    orders.append(seen)
+  assert orders[0][0] != orders[1][0]  # A new permutation every epoch.
+
+
+def test_figure1_sets_come_from_their_splits():
+  """kl_validation is the teachers' KL on validation images, kl_train on
+  training images, and the perturbed sets perturb training images."""
+  from divdistill_jax import analysis, ensemble
+  config = load_config("quickstart", "pipeline,smoke",
+                       **{"perturb.step_size": 0.0})
+  rng = np.random.default_rng(0)
+  splits = {"train": (rng.integers(0, 256, (12, 28, 28, 1), np.uint8),
+                      np.zeros(12, np.int32)),
+            "validation": (rng.integers(0, 80, (10, 28, 28, 1), np.uint8),
+                           np.zeros(10, np.int32))}
+  model = teachers.build_teacher_model(config)
+  variables = ensemble.init_members(model, jax.random.key(0), 2,
+                                    jnp.zeros((1, 28, 28, 1)))
+  out = analysis.teacher_diversity(config, model, variables, splits,
+                                   ["kd", "ods", "disagreement"],
+                                   num_examples=12, batch_size=4)
+
+  def member_probs(images):
+    x = jnp.asarray(images, jnp.float32) / 255
+    return np.stack([np.asarray(jax.nn.softmax(model.apply(
+        jax.tree.map(lambda a, m=m: a[m], variables), x, train=False)))
+                     for m in range(2)])
+
+  for name in ("train", "validation"):
+    probs = member_probs(splits[name][0])
+    kl = (probs[0] * np.log(probs[0] / probs[1])).sum(-1)
+    kl = (kl + (probs[1] * np.log(probs[1] / probs[0])).sum(-1)) / 2
+    np.testing.assert_allclose(out[f"kl_{name}"], kl, rtol=1e-3, atol=1e-6)
+    np.testing.assert_array_equal(
+        out[f"dis_{name}"], probs[0].argmax(-1) != probs[1].argmax(-1))
+  assert not np.allclose(out["kl_train"][:10], out["kl_validation"])
+  # A zero step leaves the training images as they are.
+  for method in ("ods", "disagreement"):
+    np.testing.assert_allclose(out[f"kl_train+{method}"], out["kl_train"],
+                               rtol=1e-5, atol=1e-7)
+  assert "kl_train+kd" not in out

@@ -13,6 +13,9 @@ from divdistill_jax.models.resnet import CifarResNet, PreActWideResNet
 
 # name -> (family, keyword arguments). Explicit, so names are greppable.
 _REGISTRY = {
+    # Stem conv, BatchNorm, pooling and classifier only (no residual
+    # blocks): the fastest-compiling network, for tests of the training steps.
+    "resnet2_w4": (CifarResNet, dict(depth=2, width=4)),
     "resnet8": (CifarResNet, dict(depth=8)),
     # Half-width ResNet-8 (8/16/32 channels): the CPU quick start.
     "resnet8_w8": (CifarResNet, dict(depth=8, width=8)),

@@ -1,0 +1,192 @@
+"""One whole distillation step against an independent recomputation.
+
+The reference below shares only the network definitions (tested against
+per-member references in test_models) and the perturbation functions
+(tested against analytic gradients in test_perturb) with the code under
+test. It rebuilds everything the step itself decides: which key draws what,
+which images the teachers see, the clean -> perturbed BatchNorm threading,
+which pass gets CE and which KD, the loss weights, the member pairing, and
+PyTorch-style SGD with coupled L2 and a fast-weight group, by hand.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from divdistill_jax import distill, ensemble, models, optim, perturb, train
+
+M, B, HW, K = 2, 8, 8, 10
+ALPHA, TEMP, ETA = 0.7, 2.0, 8.0
+LR, FAST_LR, WD, MOMENTUM = 0.1, 0.05, 0.05, 0.9
+NUM_STEPS = 2
+
+
+def _np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _setup(pairing):
+  # The stem-only ResNet: a conv, a BatchNorm (so the statistics threading
+  # is visible) and a classifier, quick to compile.
+  config = load_config("quickstart", "kd,smoke",
+                       **{"student.pairing": pairing,
+                          "model.name": "resnet2_w4"})
+  info_mean, info_std = (0.2860,), (0.3530,)
+  teacher_model = models.get_model("resnet2_w4", num_classes=K,
+                                   mean=info_mean, std=info_std)
+  sample = jnp.zeros((1, HW, HW, 1))
+  teacher_vars = ensemble.init_members(teacher_model, jax.random.key(1), M,
+                                       sample)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (NUM_STEPS, B, HW, HW, 1), dtype=np.uint8)
+  labels = rng.integers(0, K, (NUM_STEPS, B)).astype(np.int32)
+  return config, teacher_model, teacher_vars, images, labels
+
+
+def _reference_run(student_model, variables, teacher_model, teacher_vars,
+                   images, labels, base_key, *, method, pairing, fused,
+                   num_ascent, confidence_scaled):
+  """NUM_STEPS steps recomputed by hand; returns (params, stats, metrics)."""
+  params = jax.tree.map(np.asarray, variables["params"])
+  stats = variables["batch_stats"]
+  buf = jax.tree.map(np.zeros_like, params)
+  fast = jax.tree_util.tree_map_with_path(
+      lambda p, _: "fast_" in jax.tree_util.keystr(p), params)
+  all_metrics = []
+
+  def teacher_fn(v, inputs):
+    return teacher_model.apply(v, inputs, train=False)
+
+  for step in range(NUM_STEPS):
+    key = jax.random.fold_in(base_key, step)
+    _, perturb_key = jax.random.split(key)
+    x = jnp.asarray(images[step], jnp.float32) / 255.0  # No augmentation.
+    x_kd = perturb.perturb(method, perturb_key, x, teacher_fn, teacher_vars,
+                           step_size=ETA, temperature=TEMP,
+                           num_steps=num_ascent,
+                           confidence_scaled=confidence_scaled)
+    if method == "none":
+      np.testing.assert_array_equal(x_kd, x)
+    # Teachers on the perturbed images, one member at a time.
+    t_logits = np.stack([np.asarray(teacher_fn(
+        jax.tree.map(lambda a, m=m: a[m], teacher_vars), x_kd))
+                         for m in range(M)])
+    t_probs = np.exp(_np_log_softmax(t_logits / TEMP))
+    targets = t_probs if pairing == "member" else np.broadcast_to(
+        t_probs.mean(0), t_probs.shape)
+
+    def apply(p, s, inputs):
+      logits, new = student_model.apply(
+          {"params": p, "batch_stats": s},
+          jnp.broadcast_to(inputs, (M, *inputs.shape)), train=True,
+          mutable=["batch_stats"])
+      return logits, new["batch_stats"]
+
+    @jax.jit
+    @functools.partial(jax.grad, has_aux=True)
+    def loss_grad(p, s, x, x_kd, targets, y):
+      clean, s1 = apply(p, s, x)
+      if method == "none":
+        kd_logits, s2 = clean, s1
+      else:
+        # The perturbed pass starts from the clean pass's statistics.
+        kd_logits, s2 = apply(p, s1, x_kd)
+        if fused:  # One update with the mean of both passes' statistics.
+          _, s_kd_alone = apply(p, s, x_kd)
+          s2 = jax.tree.map(lambda a, b: (a + b) / 2, s1, s_kd_alone)
+      logp = jax.nn.log_softmax(clean)
+      ce = -jnp.mean(jnp.take_along_axis(
+          logp, jnp.broadcast_to(y, (M, B))[..., None], -1))
+      logq = jax.nn.log_softmax(kd_logits / TEMP)
+      kd = jnp.mean(jnp.sum(targets * (jnp.log(targets) - logq), -1))
+      return (1 - ALPHA) * ce + ALPHA * TEMP**2 * kd, (clean, kd_logits, s2)
+
+    grads, (clean, kd_logits, stats) = loss_grad(params, stats, x, x_kd,
+                                                 targets, labels[step])
+    # Metrics in float64 numpy from the reference logits.
+    y = labels[step]
+    ce = -_np_log_softmax(clean)[:, np.arange(B), y].mean()
+    kd = (targets * (np.log(targets) - _np_log_softmax(
+        np.asarray(kd_logits) / TEMP))).sum(-1).mean()
+    logp_t = _np_log_softmax(t_logits)
+    log_mean = np.log(np.exp(logp_t).mean(0))
+    mi = (np.exp(logp_t) * (logp_t - log_mean)).sum(-1).mean(0).mean()
+    delta = np.asarray(x_kd, np.float64) - np.asarray(x, np.float64)
+    all_metrics.append({
+        "loss": (1 - ALPHA) * ce + ALPHA * TEMP**2 * kd, "ce": ce, "kd": kd,
+        "accuracy": (np.asarray(clean).argmax(-1) == y).mean(),
+        "perturbation_l2": np.linalg.norm(delta.reshape(B, -1), axis=1).mean(),
+        "teacher_mi": mi})
+    # torch.optim.SGD with coupled L2: buf = mu buf + (g + wd p); p -= lr buf.
+    def sgd(p, g, b, is_fast):
+      g = np.asarray(g, np.float64) + (0.0 if is_fast else WD) * p
+      b = MOMENTUM * b + g
+      return p - (FAST_LR if is_fast else LR) * b, b
+
+    out = jax.tree.map(sgd, params, grads, buf, fast)
+    params = jax.tree.map(lambda o: o[0], out,
+                          is_leaf=lambda o: isinstance(o, tuple))
+    buf = jax.tree.map(lambda o: o[1], out,
+                       is_leaf=lambda o: isinstance(o, tuple))
+  return params, stats, all_metrics
+
+
+CASES = [
+    # (method, pairing, fused, ascent steps, confidence_scaled)
+    ("none", "member", False, 1, False),
+    ("gaussian", "member", False, 1, False),
+    ("ods", "member", False, 1, False),
+    ("confods", "member", False, 1, False),
+    ("disagreement", "member", False, 2, True),
+    ("confods", "member", True, 1, False),
+    ("ods", "mean", False, 1, False),
+]
+
+
+@pytest.mark.parametrize("method,pairing,fused,num_ascent,conf", CASES)
+def test_student_step_matches_reference(method, pairing, fused, num_ascent,
+                                        conf):
+  config, teacher_model, teacher_vars, images, labels = _setup(pairing)
+  student = distill.Student(config, None)
+  variables = student.init(jax.random.key(2), jnp.zeros((1, HW, HW, 1)))
+  # A large weight decay so that its groups are visible at float32.
+  tx = optim.make_optimizer(steps_per_epoch=10, total_epochs=5,
+                            learning_rate=LR, fast_learning_rate=FAST_LR,
+                            weight_decay=WD, momentum=MOMENTUM,
+                            schedule="constant")
+  state = train.new_state(variables["params"], variables["batch_stats"],
+                          tx.init(variables["params"]), num_selected=1)
+  step = jax.jit(lambda s, x, y, k, tv: distill.student_train_step(
+      s, x, y, k, tv, student=student,
+      fused=distill.Student(config, B) if fused else None,
+      teacher_model=teacher_model, tx=tx, method=method, step_size=ETA,
+      num_steps=num_ascent, norm="l2", confidence_scaled=conf, alpha=ALPHA,
+      temperature=TEMP, pairing=pairing, padding=0, flip=False,
+      strategy="unroll"))
+  base_key = jax.random.key(7)
+  got_metrics = []
+  for i in range(NUM_STEPS):
+    state, metrics = step(state, images[i], labels[i], base_key, teacher_vars)
+    got_metrics.append(jax.tree.map(float, metrics))
+
+  want_params, want_stats, want_metrics = _reference_run(
+      student.model, variables, teacher_model, teacher_vars, images, labels,
+      base_key, method=method, pairing=pairing, fused=fused,
+      num_ascent=num_ascent, confidence_scaled=conf)
+
+  for got, want in zip(got_metrics, want_metrics):
+    for name, value in want.items():
+      assert got[name] == pytest.approx(value, rel=2e-4, abs=2e-5), name
+  if method != "none":
+    assert want_metrics[0]["perturbation_l2"] > 0.02  # A visible step.
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(
+      g, w, rtol=2e-4, atol=2e-5), state.params, want_params)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(
+      g, w, rtol=2e-4, atol=2e-6), state.batch_stats, want_stats)
+  assert int(state.step) == NUM_STEPS
