@@ -129,7 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.perturb = ml_collections.ConfigDict()
   c.perturb.method = "kd"  # One of METHODS.
-  c.perturb.step_size = 1.0  # In 1/255 units (1.0 = the paper's eta).
+  # In 1/255 units (1.0 = the paper's eta), or 'auto': calibrated after the
+  # teachers so that their diversity on perturbed training images matches
+  # `auto_target_ratio` x their diversity on validation images
+  # (calibrate.py).
+  c.perturb.step_size = config_dict.FieldReference(1.0, field_type=object)
+  c.perturb.auto_target_ratio = 1.0
   c.perturb.num_steps = 1
   c.perturb.norm = "l2"  # 'l2' | 'linf'.
   c.perturb.confidence_scaled = False  # Disagreement method only.
@@ -263,6 +268,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = _get(config, field)
     if value < 1:
       raise ValueError(f"config.{field} must be >= 1, got {value}.")
+  for field in ("teacher.eval_final_epochs", "student.eval_final_epochs",
+                "data.crop_padding"):
+    if _get(config, field) < 0:
+      raise ValueError(
+          f"config.{field} must be >= 0, got {_get(config, field)}.")
+  for field in ("data.train_size", "data.validation_size", "data.test_size"):
+    value = _get(config, field)
+    if value != -1 and value < 1:
+      raise ValueError(
+          f"config.{field} must be -1 (all) or >= 1, got {value}.")
+  for who in ("teacher", "student"):
+    _validate_optim(config[who].optim, f"{who}.optim")
+    group, batch = config[who].bn_group_size, config[who].batch_size
+    if group is not None and (group < 1 or batch % group):
+      raise ValueError(
+          f"config.{who}.bn_group_size = {group} must be >= 1 and divide "
+          f"config.{who}.batch_size = {batch}.")
+  if config.student.fast_init_std < 0:
+    raise ValueError("config.student.fast_init_std must be >= 0, got "
+                     f"{config.student.fast_init_std}.")
+  step = config.perturb.step_size
+  if step != "auto" and (isinstance(step, bool)
+                         or not isinstance(step, (int, float)) or step < 0):
+    raise ValueError(
+        f"config.perturb.step_size = {step!r} must be a number >= 0 (in "
+        "1/255 units) or 'auto'.")
+  if config.perturb.auto_target_ratio <= 0:
+    raise ValueError("config.perturb.auto_target_ratio must be > 0, got "
+                     f"{config.perturb.auto_target_ratio}.")
+  if config.eval.ece_bins < 1:
+    raise ValueError(
+        f"config.eval.ece_bins must be >= 1, got {config.eval.ece_bins}.")
+  devices = config.parallel.num_devices
+  if devices is not None and devices < 1:
+    raise ValueError(
+        f"config.parallel.num_devices must be >= 1 or None, got {devices}.")
   if not 0.0 <= config.kd.alpha <= 1.0:
     raise ValueError(
         f"config.kd.alpha must be in [0, 1], got {config.kd.alpha}.")
@@ -276,6 +317,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"config.pipeline.methods has unknown method {method!r}; "
           f"expected a comma-separated subset of {list(METHODS)}."
       )
+
+
+def _validate_optim(optim: ml_collections.ConfigDict, name: str) -> None:
+  for field in ("learning_rate", "fast_learning_rate", "weight_decay",
+                "fast_weight_decay", "final_factor", "warmup_epochs"):
+    if optim[field] < 0:
+      raise ValueError(
+          f"config.{name}.{field} must be >= 0, got {optim[field]}.")
+  if not 0.0 <= optim.momentum < 1.0:
+    raise ValueError(
+        f"config.{name}.momentum must be in [0, 1), got {optim.momentum}.")
+  if not 0.0 < optim.warmup_factor <= 1.0:
+    raise ValueError(f"config.{name}.warmup_factor must be in (0, 1], got "
+                     f"{optim.warmup_factor}.")
+  m = tuple(optim.milestones)
+  if len(m) != 3 or not 1 <= m[0] <= m[1] <= m[2]:
+    raise ValueError(
+        f"config.{name}.milestones = {m} must be three epochs "
+        "1 <= warm-up end <= decay start <= decay end.")
 
 
 def apply_smoke(config: ml_collections.ConfigDict) -> None:

@@ -127,7 +127,8 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
                        teacher_model, tx, method: str, step_size: float,
                        num_steps: int, norm: str, confidence_scaled: bool,
                        alpha: float, temperature: float, pairing: str,
-                       padding: int, flip: bool, strategy: str):
+                       padding: int, flip: bool, strategy: str,
+                       ods_group_size: int | None = None):
   """One distillation step (PAPER_SPEC 6.2).
 
   Args:
@@ -146,6 +147,9 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
     pairing: 'member' or 'mean'.
     padding, flip: augmentation.
     strategy: 'vmap' or 'unroll' over teacher members.
+    ods_group_size: ODS / ConfODS draw a member and output weights per
+      group of this many images (the student's BatchNorm group, i.e. one
+      official GPU); None = one draw per batch.
 
   Returns:
     (new state, scalar metrics).
@@ -160,7 +164,8 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
   x_kd = perturb.perturb(
       method, perturb_key, x, member_logits, teacher_vars,
       step_size=step_size, temperature=temperature, num_steps=num_steps,
-      norm=norm, confidence_scaled=confidence_scaled, strategy=strategy)
+      norm=norm, confidence_scaled=confidence_scaled, strategy=strategy,
+      group_size=ods_group_size)
   teacher_logits = ensemble.apply_members(teacher_model, teacher_vars, x_kd,
                                           strategy=strategy)
   m = student.ensemble_size
@@ -213,6 +218,8 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
   scfg = config.student
   batch = scfg.batch_size
   parallel.check_batch_size(batch, mesh, "student.batch_size")
+  parallel.check_bn_group_size(scfg.bn_group_size, batch, mesh,
+                               "student.bn_group_size")
   train_images, train_labels = splits["train"]
   n = len(train_images)
   steps_per_epoch = data.steps_per_epoch(n, batch, "student.batch_size")
@@ -241,7 +248,8 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
       confidence_scaled=config.perturb.confidence_scaled,
       alpha=config.kd.alpha, temperature=config.kd.temperature,
       pairing=scfg.pairing, padding=config.data.crop_padding,
-      flip=config.data.flip, strategy=config.model.ensemble_strategy),
+      flip=config.data.flip, strategy=config.model.ensemble_strategy,
+      ods_group_size=scfg.bn_group_size),
       donate_argnums=0)
   teacher_vars = parallel.replicate(teacher_vars, mesh)
 

@@ -61,9 +61,46 @@ def _raised_by_our_checks(e: BaseException) -> bool:
       tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep)
 
 
+def _unknown_field_message(e: BaseException, argv: list[str]) -> str | None:
+  """One line for a --config.* override that names no field, else None.
+
+  ml_collections raises a KeyError (with a "Did you mean" hint) wrapped in
+  an AttributeError; the hint is kept, the traceback dropped.
+  """
+  hint, key = None, None
+  while e is not None:
+    if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):
+      if "Did you mean" in e.args[0]:
+        hint = e.args[0].split("\n", 1)[1].strip()
+      else:
+        key = e.args[0]
+    e = e.__context__
+  if key is None:
+    return None
+  flag = next((a for a in argv if a.startswith("--config.")
+               and key in a.split("=", 1)[0].split(".")), None)
+  where = f"{flag.split('=', 1)[0]}: " if flag else ""
+  return (f"{where}the config has no field {key!r}."
+          + (f" {hint}" if hint else ""))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors for config overrides."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    message = _unknown_field_message(e, argv)
+    if message is None:
+      raise
+  except flags.Error as e:
+    message = str(e)
+  print(f"divdistill: error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
 def run():
   """Console script `divdistill`."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

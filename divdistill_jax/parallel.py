@@ -65,6 +65,19 @@ def check_batch_size(global_batch: int, mesh: Mesh, what: str) -> None:
     )
 
 
+def check_bn_group_size(group_size: int | None, global_batch: int,
+                        mesh: Mesh, what: str) -> None:
+  """Ghost-BN groups must not straddle devices (one group = one GPU's share
+  in the official multi-GPU runs)."""
+  per_device = global_batch // mesh.devices.size
+  if group_size is not None and per_device % group_size:
+    raise ValueError(
+        f"{what} = {group_size} does not divide the per-device batch of "
+        f"{per_device} images ({global_batch} over {mesh.devices.size} "
+        "devices). Use a divisor of the per-device batch, or None for "
+        "whole-batch statistics.")
+
+
 def global_batch(local: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
   """Host-local slice of a batch -> global array sharded on `axis`."""
   sharding = batch_sharding(mesh, local.ndim, axis)

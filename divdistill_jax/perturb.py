@@ -61,7 +61,8 @@ def gaussian(key: jax.Array, x: jax.Array, *, step_size: float) -> jax.Array:
 
 def ods(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
         teacher_params: PyTree, *, step_size: float, temperature: float,
-        confidence_scaled: bool = False, norm: str = "l2") -> jax.Array:
+        confidence_scaled: bool = False, norm: str = "l2",
+        group_size: int | None = None) -> jax.Array:
   """Output Diversified Sampling through one random teacher member.
 
   Args:
@@ -74,10 +75,25 @@ def ods(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
     confidence_scaled: ConfODS (scale each example's step by the member's
       max tempered probability on x).
     norm: 'l2' (official) or 'linf'.
+    group_size: None = one member and one draw of w for the whole batch;
+      an integer g = one member and one w per group of g images, group i
+      drawn from `jax.random.split(key, B // g)[i]`. The official multi-GPU
+      runs drew per GPU, so the groups reproduce their joint distribution.
 
   Returns:
     Perturbed images [B, H, W, C] in [0, 1] (no gradient).
   """
+  if group_size is not None and group_size != x.shape[0]:
+    groups = _num_groups(x.shape[0], group_size)
+    keys = jax.random.split(key, groups)
+    # A loop, not vmap: each group's member is a traced index, and vmap
+    # over gathered member parameters turns every conv into a batched-kernel
+    # conv (20x slower on XLA:CPU, ensemble.py).
+    return jnp.concatenate([
+        ods(keys[g], x[g * group_size:(g + 1) * group_size], logits_fn,
+            teacher_params, step_size=step_size, temperature=temperature,
+            confidence_scaled=confidence_scaled, norm=norm)
+        for g in range(groups)])
   member_key, w_key = jax.random.split(key)
   num = ensemble.num_members(teacher_params)
   m = jax.random.randint(member_key, (), 0, num)
@@ -94,6 +110,14 @@ def ods(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
   if confidence_scaled:
     step = step * probs.max(-1).reshape((-1,) + (1,) * (x.ndim - 1))
   return jax.lax.stop_gradient(jnp.clip(x + step, 0.0, 1.0))
+
+
+def _num_groups(batch: int, group_size: int) -> int:
+  if group_size < 1 or batch % group_size:
+    raise ValueError(
+        f"ODS group_size={group_size} must divide the batch of {batch} "
+        "images.")
+  return batch // group_size
 
 
 def mutual_information(logits: jax.Array, temperature: float = 1.0):
@@ -147,7 +171,8 @@ def perturb(method: str, key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
             teacher_params: PyTree, *, step_size: float, temperature: float,
             num_steps: int = 1, norm: str = "l2",
             confidence_scaled: bool = False,
-            strategy: str = "vmap") -> jax.Array:
+            strategy: str = "vmap",
+            group_size: int | None = None) -> jax.Array:
   """Dispatches to a perturbation method (see the module docstring).
 
   Args:
@@ -162,6 +187,8 @@ def perturb(method: str, key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
     norm: 'l2' or 'linf'.
     confidence_scaled: disagreement only (ConfODS is `method='confods'`).
     strategy: 'vmap' or 'unroll' over members (disagreement only).
+    group_size: ods / confods only: one random member and output weights
+      per group of this many images (None = one draw for the batch).
 
   Returns:
     x_perturbed [B, H, W, C] in [0, 1].
@@ -173,7 +200,7 @@ def perturb(method: str, key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
   if method in ("ods", "confods"):
     return ods(key, x, logits_fn, teacher_params, step_size=step_size,
                temperature=temperature, norm=norm,
-               confidence_scaled=method == "confods")
+               confidence_scaled=method == "confods", group_size=group_size)
   if method == "disagreement":
     return disagreement(key, x, logits_fn, teacher_params,
                         step_size=step_size, temperature=temperature,

@@ -80,6 +80,8 @@ def make_teacher_task(config: ml_collections.ConfigDict, mesh,
   tcfg = config.teacher
   m, batch = tcfg.ensemble_size, tcfg.batch_size
   parallel.check_batch_size(batch, mesh, "teacher.batch_size")
+  parallel.check_bn_group_size(tcfg.bn_group_size, batch, mesh,
+                               "teacher.bn_group_size")
   train_images, train_labels = splits["train"]
   n = len(train_images)
   steps_per_epoch = data.steps_per_epoch(n, batch, "teacher.batch_size")
