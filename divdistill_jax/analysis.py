@@ -21,8 +21,12 @@ from divdistill_jax import (augment, configlib, ensemble, fileio, metrics,
 
 def teacher_diversity(config: ml_collections.ConfigDict, teacher_model,
                       teacher_vars, splits: dict, methods, *,
-                      num_examples: int = 1000, batch_size: int = 250) -> dict:
+                      num_examples: int = 1000, batch_size: int = 250,
+                      step_sizes: dict | None = None) -> dict:
   """Per-example teacher diversity on each input set.
+
+  `step_sizes` maps a method to its eta (1/255 units); methods not in it use
+  `config.perturb.step_size`, which must then be a number.
 
   Returns:
     {'kl_<set>': [N], 'dis_<set>': [N]} for sets 'train', 'validation' and
@@ -36,34 +40,36 @@ def teacher_diversity(config: ml_collections.ConfigDict, teacher_model,
                                                  strategy=strategy), -1)
 
   @functools.partial(jax.jit, static_argnames="method")
-  def perturbed(variables, key, x, method):
+  def perturbed(variables, key, x, step_size, method):
     def logits_fn(v, inputs):
       return teacher_model.apply(v, inputs, train=False)
     return perturb.perturb(
         method, key, x, logits_fn, variables,
-        step_size=config.perturb.step_size, temperature=config.kd.temperature,
+        step_size=step_size, temperature=config.kd.temperature,
         num_steps=config.perturb.num_steps, norm=config.perturb.norm,
         confidence_scaled=config.perturb.confidence_scaled, strategy=strategy)
 
-  def member_probs(images, method=None):
+  def member_probs(images, method=None, step_size=None):
     out = []
     for start in range(0, len(images), batch_size):
       x = augment.to_float(images[start:start + batch_size])
       if method is not None:
         key = jax.random.fold_in(jax.random.key(config.seed), start)
-        x = perturbed(teacher_vars, key, x, method)
+        x = perturbed(teacher_vars, key, x, step_size, method)
       out.append(np.asarray(probs_fn(teacher_vars, x)))
     return np.concatenate(out, axis=1)
 
-  sets = {"train": (splits["train"][0][:num_examples], None),
-          "validation": (splits["validation"][0][:num_examples], None)}
+  sets = {"train": (splits["train"][0][:num_examples], None, None),
+          "validation": (splits["validation"][0][:num_examples], None, None)}
   for method in methods:
     name = configlib.PERTURBATION_OF_METHOD[method]
     if name != "none":
-      sets[f"train+{method}"] = (splits["train"][0][:num_examples], name)
+      eta = float((step_sizes or {}).get(method, config.perturb.step_size))
+      sets[f"train+{method}"] = (splits["train"][0][:num_examples], name,
+                                 eta)
   out = {}
-  for name, (images, method) in sets.items():
-    probs = member_probs(images, method)
+  for name, (images, method, eta) in sets.items():
+    probs = member_probs(images, method, eta)
     out[f"kl_{name}"] = metrics.pairwise_kl_per_example(probs)
     out[f"dis_{name}"] = metrics.disagreement_per_example(probs)
   return out

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from divdistill_jax import augment, checkpointing, configlib, data, ensemble
-from divdistill_jax import losses, models, optim, parallel, perturb, train
+from divdistill_jax import (augment, calibrate, checkpointing, configlib,
+                            data, ensemble, logging_utils, losses, models,
+                            optim, parallel, perturb, train)
 
 
 class TeacherError(ValueError):
@@ -213,8 +214,18 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
 
 
 def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
-                      teacher_model, teacher_vars) -> train.Task:
-  """Builds the distillation Task."""
+                      teacher_model, teacher_vars,
+                      step_size: float | None = None) -> train.Task:
+  """Builds the distillation Task.
+
+  `step_size` (1/255 units) replaces `config.perturb.step_size`; it must be
+  given when that is 'auto' (`calibrate.resolve_step_size`).
+  """
+  if step_size is None:
+    if config.perturb.step_size == "auto":
+      raise ValueError("step_size='auto' must be resolved first "
+                       "(calibrate.resolve_step_size).")
+    step_size = float(config.perturb.step_size)
   scfg = config.student
   batch = scfg.batch_size
   parallel.check_batch_size(batch, mesh, "student.batch_size")
@@ -243,7 +254,7 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
   step = jax.jit(functools.partial(
       student_train_step, student=student, fused=fused,
       teacher_model=teacher_model, tx=tx, method=method,
-      step_size=config.perturb.step_size, num_steps=config.perturb.num_steps,
+      step_size=step_size, num_steps=config.perturb.num_steps,
       norm=config.perturb.norm,
       confidence_scaled=config.perturb.confidence_scaled,
       alpha=config.kd.alpha, temperature=config.kd.temperature,
@@ -293,11 +304,20 @@ def distill(config: ml_collections.ConfigDict, workdir: str,
     The loop's summaries; predictions in `workdir/predictions.npz`.
   """
   train.setup_runtime(config)
-  teacher_model, teacher_vars, _ = load_teachers(
-      config, teacher_dir or config.teacher.workdir)
+  teacher_dir = teacher_dir or config.teacher.workdir
+  teacher_model, teacher_vars, _ = load_teachers(config, teacher_dir)
   mesh = parallel.make_mesh(config.parallel.num_devices)
   splits = train.load_splits(config)
-  task = make_student_task(config, mesh, splits, teacher_model, teacher_vars)
+  step_size = calibrate.resolve_step_size(config, teacher_dir, teacher_model,
+                                          teacher_vars, splits)
+  method_is_kd = configlib.PERTURBATION_OF_METHOD[
+      config.perturb.method] == "none"
+  if config.perturb.step_size == "auto" and not method_is_kd:
+    logging_utils.log(f"   step size: auto -> {step_size:.3g}/255")
+  task = make_student_task(config, mesh, splits, teacher_model, teacher_vars,
+                           step_size=step_size)
   return train.run(task, workdir=workdir, config=config, mesh=mesh,
                    splits=splits,
-                   predictions_extra={"method": config.perturb.method})
+                   predictions_extra={
+                       "method": config.perturb.method,
+                       "step_size": None if method_is_kd else step_size})

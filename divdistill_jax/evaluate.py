@@ -21,7 +21,7 @@ COLUMNS = (("acc", "ACC", 2), ("nll", "NLL", 3), ("bs", "BS", 3),
            ("ece", "ECE", 3), ("cnll", "cNLL", 3), ("cbs", "cBS", 3),
            ("cece", "cECE", 3), ("dee", "DEE", 2), ("kl", "KL", 3),
            ("disagreement", "Dis.", 3), ("temperature", "T", 2),
-           ("seconds", "time (s)", 0))
+           ("step_size", "eta", 2), ("seconds", "time (s)", 0))
 
 
 def load_predictions(run_dir: str) -> dict:
@@ -33,12 +33,13 @@ def load_predictions(run_dir: str) -> dict:
     return {k: f[k] for k in f.files}
 
 
-def _seconds(run_dir: str) -> float | None:
+def _done_info(run_dir: str) -> dict:
+  """A finished run's done.json (seconds, step size, ...); {} if absent."""
   path = os.path.join(run_dir, "done.json")
   if not os.path.exists(path):
-    return None
+    return {}
   with open(path) as f:
-    return json.load(f).get("seconds")
+    return json.load(f)
 
 
 def student_label(method: str, ensemble_size: int) -> str:
@@ -48,7 +49,8 @@ def student_label(method: str, ensemble_size: int) -> str:
 
 def build_rows(teacher_preds: dict, students: list[tuple[str, dict]], *,
                num_bins: int = 15, teacher_seconds: float | None = None,
-               student_seconds: dict | None = None) -> list[dict]:
+               student_seconds: dict | None = None,
+               student_step_sizes: dict | None = None) -> list[dict]:
   """Table rows: DE-1..DE-M, then each student, with DEE against DE-k.
 
   Args:
@@ -58,6 +60,8 @@ def build_rows(teacher_preds: dict, students: list[tuple[str, dict]], *,
     num_bins: ECE bins.
     teacher_seconds: wall time of the teachers job (DE-k shows k/M of it).
     student_seconds: label -> wall time.
+    student_step_sizes: label -> the eta the student was distilled with
+      (1/255 units; None for plain KD).
 
   Returns:
     Rows (dicts with 'label' and the keys of `metrics.table_row`, 'dee',
@@ -80,6 +84,7 @@ def build_rows(teacher_preds: dict, students: list[tuple[str, dict]], *,
                             preds["test_labels"], num_bins)
     row["label"] = label
     row["seconds"] = (student_seconds or {}).get(label)
+    row["step_size"] = (student_step_sizes or {}).get(label)
     rows.append(row)
   curve = [r["cnll"] for r in rows[:num_teachers]]
   for row in rows:
@@ -130,15 +135,16 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   teacher_dir = os.path.join(workdir, "teachers")
   teacher_preds = load_predictions(teacher_dir)
-  students, seconds = [], {}
+  students, seconds, etas = [], {}, {}
   for method, run_dir in discover_students(workdir):
     preds = load_predictions(run_dir)
     label = student_label(method, preds["test_probs"].shape[0])
     students.append((label, preds))
-    seconds[label] = _seconds(run_dir)
+    info = _done_info(run_dir)
+    seconds[label], etas[label] = info.get("seconds"), info.get("step_size")
   rows = build_rows(teacher_preds, students, num_bins=config.eval.ece_bins,
-                    teacher_seconds=_seconds(teacher_dir),
-                    student_seconds=seconds)
+                    teacher_seconds=_done_info(teacher_dir).get("seconds"),
+                    student_seconds=seconds, student_step_sizes=etas)
   results = {"rows": rows, "config": json.loads(config.to_json_best_effort())}
   table = format_table(rows)
   fileio.write_json(os.path.join(workdir, "results.json"), results,

@@ -13,8 +13,8 @@ import time
 
 import ml_collections
 
-from divdistill_jax import analysis, configlib, distill, evaluate, logging_utils
-from divdistill_jax import teachers, train
+from divdistill_jax import (analysis, calibrate, configlib, distill, evaluate,
+                            logging_utils, teachers, train)
 
 
 def stage_config(config: ml_collections.ConfigDict, job: str,
@@ -49,11 +49,24 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     teachers.train_teachers(stage_config(config, "teachers"), teacher_dir)
   diversity_path = os.path.join(teacher_dir, "diversity.npz")
-  if not os.path.exists(diversity_path):
-    stage = stage_config(config, "distill", teacher_dir=teacher_dir)
+  stage = stage_config(config, "distill", teacher_dir=teacher_dir)
+  saved = calibrate.load(teacher_dir)
+  if not os.path.exists(diversity_path) or saved is None or saved[
+      "settings"] != calibrate.settings(stage, calibrate.NUM_EXAMPLES):
     model, variables, _ = distill.load_teachers(stage, teacher_dir)
-    values = analysis.teacher_diversity(stage, model, variables,
-                                        train.load_splits(stage), methods)
+    splits = train.load_splits(stage)
+    # Always calibrated: with a fixed eta (the paper configs) the
+    # diversity-matched value is logged as a diagnostic.
+    record = calibrate.ensure(stage, teacher_dir, model, variables, splits,
+                              methods)
+    if config.perturb.step_size != "auto":
+      logging_utils.log(f"   students use the configured step size "
+                        f"{config.perturb.step_size}/255")
+    etas = {m: r["step_size"] for m, r in record["methods"].items()}
+    if config.perturb.step_size != "auto":
+      etas = {}
+    values = analysis.teacher_diversity(stage, model, variables, splits,
+                                        methods, step_sizes=etas)
     analysis.write_teacher_diversity(diversity_path, values)
   for i, method in enumerate(methods, start=2):
     run_dir = os.path.join(workdir, "students", method)

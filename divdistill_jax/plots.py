@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -77,6 +78,32 @@ def diversity_bars(rows: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def step_size_curves(calibration: dict, path: str) -> None:
+  """Teacher KL on perturbed training images vs eta, one line per method,
+  with the validation level and the target drawn (calibrate.py)."""
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for method, record in calibration["methods"].items():
+    line, = ax.plot(record["curve"]["eta"], record["curve"]["kl"], "o-",
+                    ms=3, label=method)
+    ax.plot([record["step_size"]], [record["kl"]], "*", ms=12,
+            color=line.get_color())
+  ax.axhline(calibration["validation_kl"], color="k", ls="--", lw=1,
+             label="validation (clean)")
+  ax.axhline(calibration["train_kl"], color="gray", ls=":", lw=1,
+             label="train (clean)")
+  if abs(calibration["target"] - calibration["validation_kl"]) > 1e-12:
+    ax.axhline(calibration["target"], color="tab:red", ls="-.", lw=1,
+               label="target")
+  ax.set_xscale("log")
+  ax.set(xlabel="step size eta (1/255 units)",
+         ylabel="teacher pairwise KL",
+         title="Diversity-matched step size (star: chosen)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def write_all(workdir: str, teacher_preds: dict, students, rows) -> list[str]:
   """Writes every plot under workdir/plots; returns the paths."""
   out_dir = os.path.join(workdir, "plots")
@@ -103,5 +130,13 @@ def write_all(workdir: str, teacher_preds: dict, students, rows) -> list[str]:
       path = os.path.join(out_dir, f"{name}.png")
       diversity_histograms(values, "Teacher diversity per input set", xlabel,
                            path)
+      paths.append(path)
+  calibration = os.path.join(workdir, "teachers", "step_size.json")
+  if os.path.exists(calibration):
+    with open(calibration) as f:
+      record = json.load(f)
+    if record["methods"]:
+      path = os.path.join(out_dir, "step_size_calibration.png")
+      step_size_curves(record, path)
       paths.append(path)
   return paths
