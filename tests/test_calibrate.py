@@ -25,7 +25,7 @@ CENTER = 128
 
 
 class LinearTeacher:
-  """`apply(variables, x, train)` like a Flax module; variables {'w': [D, 2]}."""
+  """Applied like a Flax module; variables {'w': [D, 2]}."""
 
   def apply(self, variables, x, train=False):
     del train
