@@ -34,7 +34,6 @@ FILENAME = "step_size.json"
 # pixel range, where clipping saturates every method).
 GRID = tuple(0.25 * 2.0**k for k in range(10))
 REFINE_STEPS = 6
-NUM_EXAMPLES = 500
 
 
 def find_step_size(kl_of_eta: Callable[[float], float], target: float, *,
@@ -102,21 +101,21 @@ def teacher_kl(probs_fn, variables, images: np.ndarray,
   return metrics.pairwise_kl(np.concatenate(out, axis=1))
 
 
-def settings(config: ml_collections.ConfigDict, num_examples: int) -> dict:
+def settings(config: ml_collections.ConfigDict) -> dict:
   """Everything the calibration depends on besides the teachers."""
   p = config.perturb
   return {"target_ratio": p.auto_target_ratio, "temperature":
           config.kd.temperature, "num_steps": p.num_steps, "norm": p.norm,
           "confidence_scaled": p.confidence_scaled,
           "group_size": config.student.bn_group_size,
-          "num_examples": num_examples, "seed": config.seed,
+          "num_examples": p.auto_num_examples, "seed": config.seed,
           "train_size": config.data.train_size,
           "validation_size": config.data.validation_size}
 
 
 def calibrate(config: ml_collections.ConfigDict, teacher_model, teacher_vars,
               splits: dict, methods: Sequence[str], *,
-              num_examples: int = NUM_EXAMPLES,
+              num_examples: int | None = None,
               batch_size: int = 250) -> dict:
   """Diversity-matched step size for each perturbation method.
 
@@ -126,13 +125,15 @@ def calibrate(config: ml_collections.ConfigDict, teacher_model, teacher_vars,
     teacher_vars: stacked teacher variables.
     splits: {'train': (images, labels), 'validation': (images, labels)}.
     methods: config method names; 'kd' is skipped.
-    num_examples: training and validation images used.
+    num_examples: training and validation images used (default
+      `config.perturb.auto_num_examples`).
     batch_size: images per perturbation call.
 
   Returns:
     {'validation_kl', 'train_kl', 'target', 'settings', 'methods':
     {method: find_step_size's record}}.
   """
+  num_examples = num_examples or config.perturb.auto_num_examples
   strategy = config.model.ensemble_strategy
   probs_fn = _member_probs_fn(teacher_model, strategy)
   train_x = augment.to_float(splits["train"][0][:num_examples])
@@ -157,7 +158,7 @@ def calibrate(config: ml_collections.ConfigDict, teacher_model, teacher_vars,
         group_size=group if len(x) % (group or 1) == 0 else None)
 
   out = {"validation_kl": val_kl, "train_kl": train_kl, "target": target,
-         "settings": settings(config, num_examples), "methods": {}}
+         "settings": settings(config), "methods": {}}
   for method in methods:
     name = configlib.PERTURBATION_OF_METHOD[method]
     if name == "none":
@@ -199,7 +200,7 @@ def ensure(config: ml_collections.ConfigDict, teacher_dir: str, teacher_model,
   saved = load(teacher_dir)
   wanted = [m for m in methods
             if configlib.PERTURBATION_OF_METHOD[m] != "none"]
-  current = settings(config, NUM_EXAMPLES)
+  current = settings(config)
   if saved is not None and saved["settings"] == current and all(
       m in saved["methods"] for m in wanted):
     return saved

@@ -135,6 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (calibrate.py).
   c.perturb.step_size = config_dict.FieldReference(1.0, field_type=object)
   c.perturb.auto_target_ratio = 1.0
+  c.perturb.auto_num_examples = 500  # Train / validation images searched.
   c.perturb.num_steps = 1
   c.perturb.norm = "l2"  # 'l2' | 'linf'.
   c.perturb.confidence_scaled = False  # Disagreement method only.
@@ -294,6 +295,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.perturb.step_size = {step!r} must be a number >= 0 (in "
         "1/255 units) or 'auto'.")
+  if config.perturb.auto_num_examples < 1:
+    raise ValueError("config.perturb.auto_num_examples must be >= 1, got "
+                     f"{config.perturb.auto_num_examples}.")
   if config.perturb.auto_target_ratio <= 0:
     raise ValueError("config.perturb.auto_target_ratio must be > 0, got "
                      f"{config.perturb.auto_target_ratio}.")
@@ -343,7 +347,11 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.data.train_size = 256
   config.data.validation_size = 64
   config.data.test_size = 64
-  config.model.name = "resnet8"
+  # Stem conv + BatchNorm + classifier: every code path of the real
+  # networks (BatchEnsemble layers, shared BN, member axis) at the lowest
+  # compile time, which dominates runs this short.
+  config.model.name = "resnet2_w4"
+  config.perturb.auto_num_examples = 64
   config.teacher.bn_group_size = None
   config.student.bn_group_size = None
   config.teacher.ensemble_size = 2

@@ -52,7 +52,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stage = stage_config(config, "distill", teacher_dir=teacher_dir)
   saved = calibrate.load(teacher_dir)
   if not os.path.exists(diversity_path) or saved is None or saved[
-      "settings"] != calibrate.settings(stage, calibrate.NUM_EXAMPLES):
+      "settings"] != calibrate.settings(stage):
     model, variables, _ = distill.load_teachers(stage, teacher_dir)
     splits = train.load_splits(stage)
     # Always calibrated: with a fixed eta (the paper configs) the

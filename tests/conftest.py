@@ -1,5 +1,7 @@
 """Test setup: 4 fake CPU devices, absl flags parsed, a shared compile cache."""
 
+import contextlib
+import fcntl
 import os
 
 # Must happen before JAX initialises its backends.
@@ -53,3 +55,57 @@ def latest_checkpoint(workdir: str):
 @pytest.fixture(autouse=True, scope="session")
 def _parse_flags():
   flags.FLAGS.mark_as_parsed()
+
+
+def notebook_config():
+  """The config the Colab notebook builds for its 'smoke' test run."""
+  config = configlib.from_file(os.path.join(ROOT, "configs", "quickstart.py"),
+                               "smoke")
+  config.unlock()
+  config.logging.progress_bar = False
+  config.lock()
+  return config
+
+
+class SharedRun:
+  """A workdir built once per test session, shared by the xdist workers.
+
+  The first worker to ask builds it under an exclusive file lock; the
+  others wait on the lock and reuse it. Tests that run jobs on it again
+  (which rewrite its result files) hold the lock while they do.
+  """
+
+  def __init__(self, root: str):
+    self.workdir = os.path.join(root, "smoke_pipeline")
+    self._lock_path = os.path.join(root, "smoke_pipeline.lock")
+
+  @contextlib.contextmanager
+  def locked(self):
+    with open(self._lock_path, "w") as f:
+      fcntl.flock(f, fcntl.LOCK_EX)
+      try:
+        yield self.workdir
+      finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+  @property
+  def teachers(self) -> str:
+    return os.path.join(self.workdir, "teachers")
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory) -> SharedRun:
+  """The whole smoke pipeline (teachers, every method, the table), run once.
+
+  Used by the pipeline, notebook, resume and reliability tests: its
+  teachers and students are their references.
+  """
+  from divdistill_jax import jobs  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.getbasetemp()
+  # Under xdist every worker has its own basetemp below a shared parent.
+  root = str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+  run = SharedRun(root)
+  with run.locked() as workdir:
+    if not os.path.exists(os.path.join(workdir, "results.json")):
+      jobs.run_job(notebook_config(), workdir)
+  return run

@@ -1,26 +1,25 @@
 """Distillation: errors, fused passes, exact resume, the whole pipeline."""
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import latest_checkpoint, load_config
+from conftest import latest_checkpoint, load_config, notebook_config
 
-from divdistill_jax import configlib, distill, jobs, teachers
+from divdistill_jax import calibrate, configlib, distill, jobs
 
 SMALL = {"data.train_size": 128, "teacher.batch_size": 32,
          "student.batch_size": 32}
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("teachers"))
-  teachers.train_teachers(load_config("quickstart", "teachers,smoke", **SMALL),
-                          workdir)
-  return workdir
+def teacher_dir(smoke_pipeline):
+  return smoke_pipeline.teachers
 
 
 def _student(method, teacher_dir, **overrides):
@@ -75,17 +74,23 @@ def test_fused_pass_equals_two_passes_on_forward_statistics():
   np.testing.assert_allclose(both[:, batch:], kd, rtol=1e-4, atol=1e-4)
 
 
-def test_distill_resume_is_exact(teacher_dir, tmp_path):
-  straight, split = str(tmp_path / "a"), str(tmp_path / "b")
-  out = distill.distill(_student("confods", teacher_dir), straight)
-  assert distill.distill(_student("confods", teacher_dir,
-                                  stop_after_step=3), split) == {
-                                      "stopped_at_step": 3}
-  distill.distill(_student("confods", teacher_dir), split)
+def test_distill_resume_is_exact(smoke_pipeline, tmp_path):
+  """Stopped at step 3 and resumed = the pipeline's uninterrupted run."""
+  straight = os.path.join(smoke_pipeline.workdir, "students", "confods")
+  split = str(tmp_path / "split")
+
+  def config(**overrides):
+    return load_config("quickstart", "confods,smoke",
+                       **{"teacher.workdir": smoke_pipeline.teachers,
+                          "logging.progress_bar": False, **overrides})
+
+  assert distill.distill(config(stop_after_step=3), split) == {
+      "stopped_at_step": 3}
+  out = distill.distill(config(), split)
   jax.tree.map(np.testing.assert_array_equal, latest_checkpoint(straight)[1],
                latest_checkpoint(split)[1])
   assert out["method"] == "confods"
-  with np.load(os.path.join(straight, "predictions.npz")) as f:
+  with np.load(os.path.join(split, "predictions.npz")) as f:
     assert f["test_probs"].shape == (2, 64, 10)
 
 
@@ -101,17 +106,54 @@ def test_single_network_student(teacher_dir, tmp_path):
   assert not any("fast_" in n for n in names)  # A real single network.
 
 
-def test_pipeline_runs_every_method_and_reuses_stages(tmp_path, capsys):
-  config = load_config("quickstart", "smoke", **SMALL)
-  results = jobs.run_job(config, str(tmp_path))
+def test_pipeline_runs_every_method_and_reuses_stages(smoke_pipeline,
+                                                      capsys):
+  with smoke_pipeline.locked() as workdir:
+    capsys.readouterr()
+    results = jobs.run_job(notebook_config(), workdir)
+    # Every stage finished when the fixture ran: all are reused.
+    out = capsys.readouterr().out
+  assert out.count("finished earlier: reused") == 6
+  assert "diversity-matched" not in out  # The calibration is reused too.
   labels = [r["label"] for r in results["rows"]]
   assert labels == ["DE-1", "DE-2"] + [
       f"BE-2 {configlib.METHOD_LABELS[m]}" for m in configlib.METHODS]
+  root = Path(workdir)
   for method in configlib.METHODS:
-    assert os.path.exists(tmp_path / "students" / method / "predictions.npz")
-  assert os.path.getsize(tmp_path / "plots" / "teacher_kl.png") > 1000
-  with np.load(tmp_path / "teachers" / "diversity.npz") as f:
+    assert os.path.exists(root / "students" / method / "predictions.npz")
+  for plot in ("teacher_kl.png", "step_size_calibration.png"):
+    assert os.path.getsize(root / "plots" / plot) > 1000
+  with np.load(root / "teachers" / "diversity.npz") as f:
     assert {"kl_train", "kl_validation", "kl_train+ods"} <= set(f.files)
-  capsys.readouterr()
-  jobs.run_job(config, str(tmp_path))
-  assert capsys.readouterr().out.count("finished earlier: reused") == 6
+  # Fixed eta: students use it; the calibration is a logged diagnostic.
+  with open(root / "teachers" / "step_size.json") as f:
+    calibration = json.load(f)
+  assert set(calibration["methods"]) == set(configlib.METHODS) - {"kd"}
+  rows = {r["label"]: r for r in results["rows"]}
+  assert rows["BE-2 KD+ODS"]["step_size"] == 1.0
+  assert rows["BE-2 KD"]["step_size"] is None
+
+
+def test_auto_step_size_is_what_the_student_uses(smoke_pipeline, tmp_path):
+  """A student with step_size=auto ends exactly where one given the
+  recorded value explicitly does."""
+  calibration = calibrate.load(smoke_pipeline.teachers)
+  eta = calibration["methods"]["ods"]["step_size"]
+  assert eta != 1.0
+  runs = {}
+  for name, value in (("auto", "auto"), ("explicit", eta)):
+    config = load_config("quickstart", "ods,smoke",
+                         **{"teacher.workdir": smoke_pipeline.teachers,
+                            "perturb.step_size": value, "stop_after_step": 2})
+    distill.distill(config, str(tmp_path / name))
+    runs[name] = latest_checkpoint(str(tmp_path / name))[1]
+  jax.tree.map(np.testing.assert_array_equal, runs["auto"], runs["explicit"])
+  # And differs from the paper's eta = 1.
+  config = load_config("quickstart", "ods,smoke",
+                       **{"teacher.workdir": smoke_pipeline.teachers,
+                          "stop_after_step": 2})
+  distill.distill(config, str(tmp_path / "fixed"))
+  fixed = latest_checkpoint(str(tmp_path / "fixed"))[1]
+  pairs = zip(jax.tree.leaves(fixed["params"]),
+              jax.tree.leaves(runs["auto"]["params"]))
+  assert not all(np.array_equal(a, b) for a, b in pairs)

@@ -73,12 +73,10 @@ def _assert_same_run(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference_teachers(tmp_path_factory):
-  """An uninterrupted teachers run; also the teachers of the distill tests."""
-  workdir = str(tmp_path_factory.mktemp("reference_teachers"))
-  rc, _, err = _run(_command("teachers", workdir))
-  assert rc == 0, err
-  return workdir
+def reference_teachers(smoke_pipeline):
+  """An uninterrupted teachers run of the same config (the smoke pipeline's
+  teachers stage); also the teachers of the distill tests."""
+  return smoke_pipeline.teachers
 
 
 def test_sigterm_saves_and_the_same_command_resumes_exactly(
@@ -97,12 +95,12 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(
   _assert_same_run(reference_teachers, workdir)
 
 
-def test_sigint_during_distillation_resumes_exactly(reference_teachers,
+def test_sigint_during_distillation_resumes_exactly(smoke_pipeline,
                                                     tmp_path):
-  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-  teachers = f"--config.teacher.workdir={reference_teachers}"
-  rc, _, err = _run(_command("confods", straight, teachers))
-  assert rc == 0, err
+  # The uninterrupted run of the same config: the pipeline's student.
+  straight = os.path.join(smoke_pipeline.workdir, "students", "confods")
+  split = str(tmp_path / "split")
+  teachers = f"--config.teacher.workdir={smoke_pipeline.teachers}"
   cmd = _command("confods", split, teachers)
   rc, _, err = _run(cmd, env={"SLOW_STEP": "0.4"}, signal_after_step=2,
                     sig=signal.SIGINT)

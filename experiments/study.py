@@ -1,0 +1,346 @@
+"""Where does the paper's effect appear on a CPU? Budget x eta x seeds study.
+
+  python experiments/study.py --workdir=W --seeds=0,1,2 --budgets=30 \
+      --etas=1,4,auto --methods=kd,gaussian,ods,confods,disagreement
+  python experiments/study.py --workdir=W --collect_only --out=DIR
+
+Every cell is the quick-start family (Fashion-MNIST, DE-4 -> BE-4,
+`configs/quickstart.py`) with one thing changed: the seed (teachers AND
+students re-seeded), the training-set size, the network, the student
+budget (epochs; the schedule keeps the quick start's shape: 2 warm-up
+epochs, a plateau to half the budget, then linear decay), the step size.
+Teachers are trained once per (network, size, seed) and shared by every
+student of that cell. Each finished student leaves `row.json` (the table's
+columns plus diagnostics), so an interrupted study resumes where it stopped
+and a wider sweep reuses what exists.
+
+Diagnostics (on the first 500 training images, T = 1):
+  train_acc           the student ensemble's training accuracy
+  kl_teacher_clean    mean_m KL(teacher_m || student_m) on clean images
+  kl_teacher_pert     the same on images perturbed like during training
+  student_kl_pert     the student members' pairwise KL on those images
+  teacher_kl_pert     the teachers' pairwise KL on those images
+  confidence          mean max probability of the student on test
+  agreement           fraction of test images where all members agree
+
+`--collect_only` writes `summary.md` (mean +- standard error over seeds for
+every cell, and the difference to KD with its standard error) and plots
+of NLL, ACC and member KL vs eta and vs budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from divdistill_jax import (augment, calibrate, checkpointing, configlib,
+                            distill, ensemble, fileio, metrics, perturb,
+                            teachers, train)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Root of the study.")
+flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
+flags.DEFINE_string("train_sizes", "500", "Training-set sizes.")
+flags.DEFINE_string("models", "resnet8_w8", "Networks (teachers = students).")
+flags.DEFINE_string("budgets", "30", "Student epochs.")
+flags.DEFINE_string("etas", "1,4,auto", "Step sizes (1/255 units) or auto.")
+flags.DEFINE_string("methods", ",".join(configlib.METHODS), "Methods.")
+flags.DEFINE_bool("collect_only", False, "Only summarise finished rows.")
+flags.DEFINE_string("out", None, "Folder for summary.md and plots.")
+
+DIAGNOSTIC_IMAGES = 500
+
+
+def _split(text: str) -> list[str]:
+  return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cell_config(*, seed: int, train_size: int, model: str, epochs: int = 12,
+                method: str = "kd", eta="auto", job: str = "distill"):
+  """The quick-start config with the study's fields set."""
+  config = configlib.from_file(os.path.join(ROOT, "configs", "quickstart.py"),
+                               "teachers" if job == "teachers" else method)
+  config.unlock()
+  config.seed = seed
+  config.data.train_size = train_size
+  config.model.name = model
+  config.student.epochs = epochs
+  config.student.optim.milestones = (3, max(3, epochs // 2), epochs)
+  config.student.eval_every_epochs = max(1, epochs // 4)
+  config.perturb.step_size = eta
+  config.logging.progress_bar = False
+  config.lock()
+  configlib.validate(config)
+  return config
+
+
+def teachers_dir(root: str, model: str, n: int, seed: int) -> str:
+  return os.path.join(root, f"{model}_n{n}_s{seed}", "teachers")
+
+
+def student_dir(root: str, model: str, n: int, seed: int, epochs: int,
+                method: str, eta) -> str:
+  name = "kd" if method == "kd" else f"{method}_eta{eta}"
+  return os.path.join(root, f"{model}_n{n}_s{seed}", f"e{epochs}", name)
+
+
+def diagnostics(config, run_dir: str, teacher_dir: str, splits: dict,
+                step_size: float) -> dict:
+  """The student's fit to its teachers on clean and perturbed train images."""
+  teacher_model, teacher_vars, _ = distill.load_teachers(config, teacher_dir)
+  student = distill.Student(config, None)
+  variables = checkpointing.load_variables(os.path.join(run_dir, "best"))
+  m = student.ensemble_size
+  images, labels = splits["train"]
+  x = augment.to_float(images[:DIAGNOSTIC_IMAGES])
+  labels = labels[:DIAGNOSTIC_IMAGES]
+  name = configlib.PERTURBATION_OF_METHOD[config.perturb.method]
+
+  @jax.jit
+  def probs(x, key):
+    def logits_fn(v, inputs):
+      return teacher_model.apply(v, inputs, train=False)
+    x_pert = perturb.perturb(
+        name, key, x, logits_fn, teacher_vars, step_size=step_size,
+        temperature=config.kd.temperature, num_steps=config.perturb.num_steps,
+        norm=config.perturb.norm,
+        confidence_scaled=config.perturb.confidence_scaled,
+        strategy=config.model.ensemble_strategy)
+    out = []
+    for inputs in (x, x_pert):
+      t = jax.nn.softmax(ensemble.apply_members(
+          teacher_model, teacher_vars, inputs), -1)
+      s, _ = student.apply(variables, jax.numpy.broadcast_to(
+          inputs, (m, *inputs.shape)), train=False)
+      out += [t, jax.nn.softmax(s, -1)]
+    return out
+
+  t_clean, s_clean, t_pert, s_pert = (np.asarray(a, np.float64) for a in
+                                      probs(x, jax.random.key(config.seed)))
+
+  def kl_to_teacher(t, s):
+    return float((t * (np.log(t + 1e-12) - np.log(s + 1e-12))).sum(-1).mean())
+
+  with np.load(os.path.join(run_dir, "predictions.npz")) as f:
+    test = f["test_probs"]
+  top = test.argmax(-1)
+  return {
+      "train_acc": 100.0 * metrics.accuracy(s_clean.mean(0), labels),
+      "kl_teacher_clean": kl_to_teacher(t_clean, s_clean),
+      "kl_teacher_pert": kl_to_teacher(t_pert, s_pert),
+      "student_kl_pert": metrics.pairwise_kl(s_pert),
+      "teacher_kl_pert": metrics.pairwise_kl(t_pert),
+      "confidence": float(test.mean(0).max(-1).mean()),
+      "agreement": float((top == top[:1]).all(0).mean()),
+  }
+
+
+def run_cell(root: str, *, seed: int, n: int, model: str, epochs: int,
+             method: str, eta) -> dict:
+  """Trains (or reuses) teachers and one student; returns its row."""
+  out_dir = student_dir(root, model, n, seed, epochs, method, eta)
+  row_path = os.path.join(out_dir, "row.json")
+  if os.path.exists(row_path):
+    with open(row_path) as f:
+      return json.load(f)
+  t_dir = teachers_dir(root, model, n, seed)
+  if not os.path.exists(os.path.join(t_dir, "done.json")):
+    teachers.train_teachers(cell_config(seed=seed, train_size=n, model=model,
+                                        job="teachers"), t_dir)
+  config = cell_config(seed=seed, train_size=n, model=model, epochs=epochs,
+                       method=method, eta=eta if method != "kd" else 1.0)
+  config.unlock()
+  config.teacher.workdir = t_dir
+  config.lock()
+  start = time.time()
+  summary = distill.distill(config, out_dir)
+  splits = train.load_splits(config)
+  with np.load(os.path.join(out_dir, "predictions.npz")) as f:
+    row = metrics.table_row(f["validation_probs"], f["validation_labels"],
+                            f["test_probs"], f["test_labels"])
+  step = summary.get("step_size") or 0.0
+  row.update(diagnostics(config, out_dir, t_dir, splits, step))
+  with np.load(os.path.join(t_dir, "predictions.npz")) as f:
+    for k in (1, config.teacher.ensemble_size):
+      de = metrics.table_row(f["validation_probs"][:k], f["validation_labels"],
+                             f["test_probs"][:k], f["test_labels"])
+      row[f"de{k}_acc"], row[f"de{k}_nll"] = de["acc"], de["nll"]
+      row[f"de{k}_kl"] = de["kl"]
+  calib = calibrate.load(t_dir)
+  if calib is not None:
+    row["teacher_kl_validation"] = calib["validation_kl"]
+    row["teacher_kl_train"] = calib["train_kl"]
+  row.update(seed=seed, train_size=n, model=model, epochs=epochs,
+             method=method, eta=str(eta) if method != "kd" else "-",
+             step_size=summary.get("step_size"),
+             steps=summary["steps"], seconds=time.time() - start)
+  fileio.write_json(row_path, row, indent=2)
+  return row
+
+
+# ---------------------------------------------------------------- summary
+
+SUMMARY_COLUMNS = (("acc", "ACC", 2), ("nll", "NLL", 3), ("ece", "ECE", 3),
+                   ("cnll", "cNLL", 3), ("kl", "member KL", 3),
+                   ("train_acc", "train ACC", 1),
+                   ("kl_teacher_clean", "KL(T||S) train", 3),
+                   ("kl_teacher_pert", "KL(T||S) pert.", 3),
+                   ("student_kl_pert", "S KL pert.", 3),
+                   ("teacher_kl_pert", "T KL pert.", 3),
+                   ("step_size", "eta used", 2))
+
+
+def load_rows(root: str) -> list[dict]:
+  rows = []
+  for dirpath, _, files in os.walk(root):
+    if "row.json" in files:
+      with open(os.path.join(dirpath, "row.json")) as f:
+        rows.append(json.load(f))
+  return rows
+
+
+def _mean_se(values) -> tuple[float, float]:
+  v = np.asarray([x for x in values if x is not None], np.float64)
+  if not len(v):
+    return float("nan"), float("nan")
+  se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+  return float(v.mean()), float(se)
+
+
+def _cell(mean: float, se: float, digits: int) -> str:
+  if np.isnan(mean):
+    return "-"
+  return f"{mean:.{digits}f}" + ("" if np.isnan(se) else
+                                 f" ± {se:.{digits}f}")
+
+
+def summarise(rows: list[dict]) -> str:
+  """Markdown: one table per (model, size, budget), seeds aggregated."""
+  groups: dict = {}
+  for r in rows:
+    groups.setdefault((r["model"], r["train_size"], r["epochs"]),
+                      []).append(r)
+  lines = []
+  for (model, n, epochs), group in sorted(groups.items()):
+    seeds = sorted({r["seed"] for r in group})
+    de1 = _mean_se([r["de1_acc"] for r in group if r["method"] == "kd"])
+    de4n = _mean_se([r["de4_nll"] for r in group if r["method"] == "kd"])
+    de4k = _mean_se([r["de4_kl"] for r in group if r["method"] == "kd"])
+    lines += [f"### {model}, {n} training images, {epochs} student epochs "
+              f"({group[0]['steps']} steps), seeds {seeds}", "",
+              f"Teachers (mean over the seeds with a KD row): DE-1 ACC "
+              f"{_cell(*de1, 2)}, DE-4 NLL {_cell(*de4n, 3)}, DE-4 member "
+              f"KL {_cell(*de4k, 3)}.", ""]
+    lines.append("| method | eta | n | " + " | ".join(
+        c[1] for c in SUMMARY_COLUMNS) + " | dNLL vs KD | dKL vs KD |")
+    lines.append("|---|---|---:|" + "---:|" * (len(SUMMARY_COLUMNS) + 2))
+    kd = {r["seed"]: r for r in group if r["method"] == "kd"}
+    cells: dict = {}
+    for r in group:
+      cells.setdefault((r["method"], r["eta"]), []).append(r)
+    order = {m: i for i, m in enumerate(configlib.METHODS)}
+    for (method, eta), rs in sorted(
+        cells.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
+      out = [method, eta, str(len(rs))]
+      for key, _, digits in SUMMARY_COLUMNS:
+        out.append(_cell(*_mean_se([r.get(key) for r in rs]), digits))
+      # Paired over seeds: same teachers, same data.
+      for key in ("nll", "kl"):
+        diffs = [r[key] - kd[r["seed"]][key] for r in rs if r["seed"] in kd]
+        out.append("-" if method == "kd" else _cell(*_mean_se(diffs), 3))
+      lines.append("| " + " | ".join(out) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plots(rows: list[dict], out_dir: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  keys = (("nll", "test NLL"), ("acc", "test ACC (%)"),
+          ("kl", "student member KL (test)"))
+  budgets = sorted({r["epochs"] for r in rows})
+  for epochs in budgets:
+    sub = [r for r in rows if r["epochs"] == epochs]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (key, label) in zip(axes, keys):
+      kd = _mean_se([r[key] for r in sub if r["method"] == "kd"])
+      if not np.isnan(kd[0]):
+        ax.axhline(kd[0], color="k", ls="--", lw=1, label="KD")
+      for method in configlib.METHODS[1:]:
+        pts = {}
+        for r in sub:
+          if r["method"] == method and r["eta"] != "auto":
+            pts.setdefault(float(r["eta"]), []).append(r[key])
+        if pts:
+          etas = sorted(pts)
+          ms = [_mean_se(pts[e]) for e in etas]
+          ax.errorbar(etas, [m for m, _ in ms],
+                      yerr=[0 if np.isnan(s) else s for _, s in ms],
+                      marker="o", ms=3, capsize=2, label=method)
+      ax.set_xscale("log")
+      ax.set(xlabel="eta (1/255 units)", ylabel=label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{epochs} student epochs (mean ± s.e. over seeds)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"study_vs_eta_e{epochs}.png"), dpi=90)
+    plt.close(fig)
+  if len(budgets) > 1:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (key, label) in zip(axes, keys):
+      for method in configlib.METHODS:
+        for eta in sorted({r["eta"] for r in rows if r["method"] == method}):
+          pts = [(_mean_se([r[key] for r in rows if r["method"] == method
+                            and r["eta"] == eta and r["epochs"] == e]), e)
+                 for e in budgets]
+          pts = [(m, e) for m, e in pts if not np.isnan(m[0])]
+          if len(pts) > 1:
+            ax.errorbar([e for _, e in pts], [m[0] for m, _ in pts],
+                        yerr=[0 if np.isnan(m[1]) else m[1] for m, _ in pts],
+                        marker="o", ms=3, capsize=2,
+                        label=f"{method} {eta}" if method != "kd" else "KD")
+      ax.set(xlabel="student epochs", ylabel=label)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "study_vs_budget.png"), dpi=90)
+    plt.close(fig)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+  root = FLAGS.workdir
+  if not FLAGS.collect_only:
+    start = time.time()
+    for seed in map(int, _split(FLAGS.seeds)):
+      for n in map(int, _split(FLAGS.train_sizes)):
+        for model in _split(FLAGS.models):
+          for epochs in map(int, _split(FLAGS.budgets)):
+            for method in _split(FLAGS.methods):
+              etas = ["-"] if method == "kd" else _split(FLAGS.etas)
+              for eta in etas:
+                value = eta if eta in ("auto", "-") else float(eta)
+                row = run_cell(root, seed=seed, n=n, model=model,
+                               epochs=epochs, method=method, eta=value)
+                print(f"study: seed {seed} n {n} {model} e{epochs} {method} "
+                      f"eta {eta}: ACC {row['acc']:.2f} NLL {row['nll']:.3f}"
+                      f" KL {row['kl']:.3f} ({time.time() - start:.0f} s "
+                      "since start)", flush=True)
+  rows = load_rows(root)
+  text = summarise(rows)
+  print(text)
+  if FLAGS.out:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    fileio.write_text(os.path.join(FLAGS.out, "summary.md"), text + "\n")
+    plots(rows, FLAGS.out)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
