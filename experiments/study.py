@@ -53,6 +53,10 @@ flags.DEFINE_string("etas", "1,4,auto", "Step sizes (1/255 units) or auto.")
 flags.DEFINE_string("methods", ",".join(configlib.METHODS), "Methods.")
 flags.DEFINE_bool("collect_only", False, "Only summarise finished rows.")
 flags.DEFINE_string("out", None, "Folder for summary.md and plots.")
+flags.DEFINE_multi_string(
+    "student_override", [], "KEY=VALUE set on the students' config, e.g. "
+    "student.optim.learning_rate=0.1; the cells go to e<epochs>_<tag>.")
+flags.DEFINE_string("tag", "", "Names the student override in the folder.")
 
 DIAGNOSTIC_IMAGES = 500
 
@@ -85,9 +89,20 @@ def teachers_dir(root: str, model: str, n: int, seed: int) -> str:
 
 
 def student_dir(root: str, model: str, n: int, seed: int, epochs: int,
-                method: str, eta) -> str:
+                method: str, eta, tag: str = "") -> str:
   name = "kd" if method == "kd" else f"{method}_eta{eta}"
-  return os.path.join(root, f"{model}_n{n}_s{seed}", f"e{epochs}", name)
+  budget = f"e{epochs}" + (f"_{tag}" if tag else "")
+  return os.path.join(root, f"{model}_n{n}_s{seed}", budget, name)
+
+
+def _apply_overrides(config, overrides: list[str]) -> None:
+  for item in overrides:
+    key, value = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    target = config
+    for p in parents:
+      target = target[p]
+    target[leaf] = type(target[leaf])(value)
 
 
 def diagnostics(config, run_dir: str, teacher_dir: str, splits: dict,
@@ -142,9 +157,10 @@ def diagnostics(config, run_dir: str, teacher_dir: str, splits: dict,
 
 
 def run_cell(root: str, *, seed: int, n: int, model: str, epochs: int,
-             method: str, eta) -> dict:
+             method: str, eta, overrides: tuple[str, ...] = (),
+             tag: str = "") -> dict:
   """Trains (or reuses) teachers and one student; returns its row."""
-  out_dir = student_dir(root, model, n, seed, epochs, method, eta)
+  out_dir = student_dir(root, model, n, seed, epochs, method, eta, tag)
   row_path = os.path.join(out_dir, "row.json")
   if os.path.exists(row_path):
     with open(row_path) as f:
@@ -157,7 +173,9 @@ def run_cell(root: str, *, seed: int, n: int, model: str, epochs: int,
                        method=method, eta=eta if method != "kd" else 1.0)
   config.unlock()
   config.teacher.workdir = t_dir
+  _apply_overrides(config, list(overrides))
   config.lock()
+  configlib.validate(config)
   start = time.time()
   summary = distill.distill(config, out_dir)
   splits = train.load_splits(config)
@@ -176,7 +194,8 @@ def run_cell(root: str, *, seed: int, n: int, model: str, epochs: int,
   if calib is not None:
     row["teacher_kl_validation"] = calib["validation_kl"]
     row["teacher_kl_train"] = calib["train_kl"]
-  row.update(seed=seed, train_size=n, model=model, epochs=epochs,
+  row.update(seed=seed, train_size=n, model=model, epochs=epochs, tag=tag,
+             overrides=list(overrides),
              method=method, eta=str(eta) if method != "kd" else "-",
              step_size=summary.get("step_size"),
              steps=summary["steps"], seconds=time.time() - start)
@@ -224,16 +243,18 @@ def summarise(rows: list[dict]) -> str:
   """Markdown: one table per (model, size, budget), seeds aggregated."""
   groups: dict = {}
   for r in rows:
-    groups.setdefault((r["model"], r["train_size"], r["epochs"]),
-                      []).append(r)
+    groups.setdefault((r["model"], r["train_size"], r["epochs"],
+                       r.get("tag", "")), []).append(r)
   lines = []
-  for (model, n, epochs), group in sorted(groups.items()):
+  for (model, n, epochs, tag), group in sorted(groups.items()):
     seeds = sorted({r["seed"] for r in group})
     de1 = _mean_se([r["de1_acc"] for r in group if r["method"] == "kd"])
     de4n = _mean_se([r["de4_nll"] for r in group if r["method"] == "kd"])
     de4k = _mean_se([r["de4_kl"] for r in group if r["method"] == "kd"])
+    extra = (f", {', '.join(group[0].get('overrides', []))}" if tag
+             else "")
     lines += [f"### {model}, {n} training images, {epochs} student epochs "
-              f"({group[0]['steps']} steps), seeds {seeds}", "",
+              f"({group[0]['steps']} steps){extra}, seeds {seeds}", "",
               f"Teachers (mean over the seeds with a KD row): DE-1 ACC "
               f"{_cell(*de1, 2)}, DE-4 NLL {_cell(*de4n, 3)}, DE-4 member "
               f"KL {_cell(*de4k, 3)}.", ""]
@@ -265,6 +286,7 @@ def plots(rows: list[dict], out_dir: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   keys = (("nll", "test NLL"), ("acc", "test ACC (%)"),
           ("kl", "student member KL (test)"))
+  rows = [r for r in rows if not r.get("tag")]  # Plots: the base recipe.
   budgets = sorted({r["epochs"] for r in rows})
   for epochs in budgets:
     sub = [r for r in rows if r["epochs"] == epochs]
@@ -327,7 +349,9 @@ def main(argv):
               for eta in etas:
                 value = eta if eta in ("auto", "-") else float(eta)
                 row = run_cell(root, seed=seed, n=n, model=model,
-                               epochs=epochs, method=method, eta=value)
+                               epochs=epochs, method=method, eta=value,
+                               overrides=tuple(FLAGS.student_override),
+                               tag=FLAGS.tag)
                 print(f"study: seed {seed} n {n} {model} e{epochs} {method} "
                       f"eta {eta}: ACC {row['acc']:.2f} NLL {row['nll']:.3f}"
                       f" KL {row['kl']:.3f} ({time.time() - start:.0f} s "

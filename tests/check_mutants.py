@@ -47,6 +47,11 @@ MUTANTS = {
         "clean, labels, kd_logits, targets, alpha=alpha,",
         "clean, labels, kd_logits, targets, alpha=1 - alpha,",
         ["tests/test_distill_step.py"]),
+    "one ODS draw per batch although groups are set": (
+        "divdistill_jax/distill.py",
+        "      group_size=ods_group_size)",
+        "      group_size=None)",
+        ["tests/test_distill_step.py"]),
     "every teacher member on the same data order": (
         "divdistill_jax/teachers.py",
         "stream=member) for member in range(m)])",

@@ -51,7 +51,7 @@ def _setup(pairing):
 
 def _reference_run(student_model, variables, teacher_model, teacher_vars,
                    images, labels, base_key, *, method, pairing, fused,
-                   num_ascent, confidence_scaled):
+                   num_ascent, confidence_scaled, group):
   """NUM_STEPS steps recomputed by hand; returns (params, stats, metrics)."""
   params = jax.tree.map(np.asarray, variables["params"])
   stats = variables["batch_stats"]
@@ -70,7 +70,8 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
     x_kd = perturb.perturb(method, perturb_key, x, teacher_fn, teacher_vars,
                            step_size=ETA, temperature=TEMP,
                            num_steps=num_ascent,
-                           confidence_scaled=confidence_scaled)
+                           confidence_scaled=confidence_scaled,
+                           group_size=group)
     if method == "none":
       np.testing.assert_array_equal(x_kd, x)
     # Teachers on the perturbed images, one member at a time.
@@ -138,22 +139,24 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
 
 
 CASES = [
-    # (method, pairing, fused, ascent steps, confidence_scaled)
-    ("none", "member", False, 1, False),
-    ("gaussian", "member", False, 1, False),
-    ("ods", "member", False, 1, False),
-    ("confods", "member", False, 1, False),
-    ("disagreement", "member", False, 2, True),
-    ("confods", "member", True, 1, False),
-    ("ods", "mean", False, 1, False),
+    # (method, pairing, fused, ascent steps, confidence_scaled, BN/ODS group)
+    ("none", "member", False, 1, False, None),
+    ("gaussian", "member", False, 1, False, None),
+    ("ods", "member", False, 1, False, None),
+    ("confods", "member", False, 1, False, None),
+    ("disagreement", "member", False, 2, True, None),
+    ("confods", "member", True, 1, False, None),
+    ("ods", "mean", False, 1, False, None),
+    # Per-GPU groups: ghost BatchNorm and one ODS draw per 4 images.
+    ("confods", "member", False, 1, False, 4),
 ]
 
 
-@pytest.mark.parametrize("method,pairing,fused,num_ascent,conf", CASES)
+@pytest.mark.parametrize("method,pairing,fused,num_ascent,conf,group", CASES)
 def test_student_step_matches_reference(method, pairing, fused, num_ascent,
-                                        conf):
+                                        conf, group):
   config, teacher_model, teacher_vars, images, labels = _setup(pairing)
-  student = distill.Student(config, None)
+  student = distill.Student(config, group)
   variables = student.init(jax.random.key(2), jnp.zeros((1, HW, HW, 1)))
   # A large weight decay so that its groups are visible at float32.
   tx = optim.make_optimizer(steps_per_epoch=10, total_epochs=5,
@@ -168,7 +171,7 @@ def test_student_step_matches_reference(method, pairing, fused, num_ascent,
       teacher_model=teacher_model, tx=tx, method=method, step_size=ETA,
       num_steps=num_ascent, norm="l2", confidence_scaled=conf, alpha=ALPHA,
       temperature=TEMP, pairing=pairing, padding=0, flip=False,
-      strategy="unroll"))
+      strategy="unroll", ods_group_size=group))
   base_key = jax.random.key(7)
   got_metrics = []
   for i in range(NUM_STEPS):
@@ -178,7 +181,7 @@ def test_student_step_matches_reference(method, pairing, fused, num_ascent,
   want_params, want_stats, want_metrics = _reference_run(
       student.model, variables, teacher_model, teacher_vars, images, labels,
       base_key, method=method, pairing=pairing, fused=fused,
-      num_ascent=num_ascent, confidence_scaled=conf)
+      num_ascent=num_ascent, confidence_scaled=conf, group=group)
 
   for got, want in zip(got_metrics, want_metrics):
     for name, value in want.items():

@@ -177,17 +177,49 @@ def test_table_rows_from_synthetic_prediction_files(tmp_path):
   results = evaluate.evaluate_workdir(config, str(tmp_path))
   rows = {r["label"]: r for r in results["rows"]}
   assert list(rows) == ["DE-1", "DE-2", "DE-3", "DE-4", "BE-2 KD+ODS"]
+  # Independent numpy: DE-k is the mean of the first k members' probs.
   de2 = tt[:2].mean(0)
-  assert rows["DE-2"]["acc"] == pytest.approx(100 * metrics.accuracy(de2, lt))
+  n = len(lt)
+  assert rows["DE-2"]["acc"] == pytest.approx(
+      100 * np.mean(de2.argmax(-1) == lt))
+  assert rows["DE-2"]["nll"] == pytest.approx(
+      -np.mean(np.log(de2[np.arange(n), lt] + 1e-12)))
+  assert rows["DE-2"]["ece"] == pytest.approx(_ref_ece(de2, lt))
   assert rows["DE-2"]["seconds"] == pytest.approx(20.0)
-  t = metrics.fit_temperature(tv[:2].mean(0), lv)
-  cal = metrics.apply_temperature(de2, t)
-  assert rows["DE-2"]["cnll"] == pytest.approx(
-      metrics.negative_log_likelihood(cal, lt))
+  # cNLL: the NLL at the temperature that is best on VALIDATION, found by a
+  # plain grid here (the code uses a golden-section search).
+  grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 4001))
+
+  def nll_at(probs, labels, t):
+    z = np.log(probs + 1e-12) / t
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return -np.mean(logp[np.arange(len(labels)), labels])
+
+  val2 = tv[:2].mean(0)
+  t = grid[np.argmin([nll_at(val2, lv, g) for g in grid])]
+  assert rows["DE-2"]["temperature"] == pytest.approx(t, rel=5e-3)
+  assert rows["DE-2"]["cnll"] == pytest.approx(nll_at(de2, lt, t), rel=1e-3)
   assert rows["DE-1"]["dee"] == 1.0
-  for key in ("acc", "nll", "bs", "ece", "cnll", "cbs", "cece", "dee", "kl",
-              "disagreement", "temperature"):
-    assert key in rows["BE-2 KD+ODS"]
+  assert rows["DE-2"]["dee"] == pytest.approx(2.0)
+  # The student row: its own two members, the validation set reversed.
+  student_test = tt[:2]
+  mean = student_test.mean(0)
+  assert rows["BE-2 KD+ODS"]["acc"] == pytest.approx(
+      100 * np.mean(mean.argmax(-1) == lt))
+  assert rows["BE-2 KD+ODS"]["bs"] == pytest.approx(
+      np.mean(np.sum((mean - np.eye(mean.shape[1])[lt]) ** 2, -1)))
+  kl_01 = np.sum(student_test[0] * np.log((student_test[0] + 1e-12)
+                                          / (student_test[1] + 1e-12)), -1)
+  kl_10 = np.sum(student_test[1] * np.log((student_test[1] + 1e-12)
+                                          / (student_test[0] + 1e-12)), -1)
+  assert rows["BE-2 KD+ODS"]["kl"] == pytest.approx(
+      np.mean((kl_01 + kl_10) / 2), rel=1e-6)
+  assert rows["BE-2 KD+ODS"]["disagreement"] == pytest.approx(
+      np.mean(student_test[0].argmax(-1) != student_test[1].argmax(-1)))
+  assert rows["BE-2 KD+ODS"]["temperature"] == pytest.approx(
+      grid[np.argmin([nll_at(tv[:, :, ::-1].mean(0), lv, g)
+                      for g in grid])], rel=5e-3)
   md = (tmp_path / "results.md").read_text()
   assert "| BE-2 KD+ODS |" in md and "cNLL" in md
   for name in os.listdir(tmp_path / "plots"):
