@@ -63,7 +63,8 @@ def teacher_diversity(config: ml_collections.ConfigDict, teacher_model,
           "validation": (splits["validation"][0][:num_examples], None, None)}
   for method in methods:
     name = configlib.PERTURBATION_OF_METHOD[method]
-    if name != "none":
+    # Teacher-only perturbations: a student-dependent one has no student.
+    if name != "none" and not perturb.uses_student(name):
       eta = float((step_sizes or {}).get(method, config.perturb.step_size))
       sets[f"train+{method}"] = (splits["train"][0][:num_examples], name,
                                  eta)

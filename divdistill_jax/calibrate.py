@@ -161,7 +161,7 @@ def calibrate(config: ml_collections.ConfigDict, teacher_model, teacher_vars,
          "settings": settings(config), "methods": {}}
   for method in methods:
     name = configlib.PERTURBATION_OF_METHOD[method]
-    if name == "none":
+    if name == "none" or perturb.uses_student(name):
       continue
     key = jax.random.fold_in(jax.random.key(config.seed), 17)
 
@@ -182,6 +182,13 @@ def calibrate(config: ml_collections.ConfigDict, teacher_model, teacher_vars,
   return out
 
 
+def calibratable(method: str) -> bool:
+  """Methods through the teachers alone: not KD, not the student-dependent
+  tdiv_sdiv (its diversity changes as the student trains)."""
+  name = configlib.PERTURBATION_OF_METHOD[method]
+  return name != "none" and not perturb.uses_student(name)
+
+
 def load(teacher_dir: str) -> dict | None:
   path = os.path.join(teacher_dir, FILENAME)
   if not os.path.exists(path):
@@ -198,8 +205,7 @@ def ensure(config: ml_collections.ConfigDict, teacher_dir: str, teacher_model,
   recomputed. Written atomically to `teacher_dir/step_size.json`.
   """
   saved = load(teacher_dir)
-  wanted = [m for m in methods
-            if configlib.PERTURBATION_OF_METHOD[m] != "none"]
+  wanted = [m for m in methods if calibratable(m)]
   current = settings(config)
   if saved is not None and saved["settings"] == current and all(
       m in saved["methods"] for m in wanted):
@@ -225,6 +231,11 @@ def resolve_step_size(config: ml_collections.ConfigDict, teacher_dir: str,
     return float(step)
   if configlib.PERTURBATION_OF_METHOD[method] == "none":
     return 0.0
+  if not calibratable(method):
+    raise ValueError(
+        f"config.perturb.step_size = 'auto' is not defined for {method!r}: "
+        "it perturbs through the student, whose diversity changes during "
+        "training. Give a number (the follow-up paper uses 1.0).")
   record = ensure(config, teacher_dir, teacher_model, teacher_vars, splits,
                   [method])
   return float(record["methods"][method]["step_size"])

@@ -7,7 +7,8 @@ and then `apply_variants(config, arg)` for `--config=file.py:VARIANTS`, e.g.
 Variants:
   teachers                 job = teachers (train the DE-M teachers).
   kd, gaussian, ods,
-  confods, disagreement    job = distill with that perturbation ("kd" = none).
+  confods, disagreement,
+  tdiv_sdiv                job = distill with that perturbation ("kd" = none).
   pipeline                 teachers, every method of pipeline.methods, table.
   evaluate                 the table from an existing pipeline workdir.
   smoke                    tiny model, tiny data, a few steps (tests, CI).
@@ -22,14 +23,17 @@ import ml_collections
 from ml_collections import config_dict
 
 JOBS = ("teachers", "distill", "evaluate", "pipeline")
-METHODS = ("kd", "gaussian", "ods", "confods", "disagreement")
-# Config method name -> perturbation function name in `perturb.py`.
+METHODS = ("kd", "gaussian", "ods", "confods", "disagreement", "tdiv_sdiv")
+# What `pipeline` runs by default: the NeurIPS 2021 paper's methods and ours.
+PIPELINE_METHODS = ("kd", "gaussian", "ods", "confods", "disagreement")
+# Config method name -> registered perturbation name in `perturb.py`.
 PERTURBATION_OF_METHOD = {
     "kd": "none",
     "gaussian": "gaussian",
     "ods": "ods",
     "confods": "confods",
     "disagreement": "disagreement",
+    "tdiv_sdiv": "tdiv_sdiv",
 }
 METHOD_LABELS = {
     "kd": "KD",
@@ -37,6 +41,7 @@ METHOD_LABELS = {
     "ods": "KD+ODS",
     "confods": "KD+ConfODS",
     "disagreement": "KD+Disagreement",
+    "tdiv_sdiv": "KD+TDiv-SDiv",
 }
 
 
@@ -126,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.kd = ml_collections.ConfigDict()
   c.kd.alpha = 0.9
   c.kd.temperature = 4.0
+  # Also run the student on clean images (CE, and the official BN threading
+  # clean -> perturbed). False needs alpha = 1: the ICML 2022 recipe.
+  c.kd.clean_pass = True
 
   c.perturb = ml_collections.ConfigDict()
   c.perturb.method = "kd"  # One of METHODS.
@@ -139,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.perturb.num_steps = 1
   c.perturb.norm = "l2"  # 'l2' | 'linf'.
   c.perturb.confidence_scaled = False  # Disagreement method only.
+  c.perturb.all_pairs = False  # tdiv_sdiv: every member pair, not one.
 
   c.eval = ml_collections.ConfigDict()
   # Validation epochs: every `eval_every_epochs` and the last one; with
@@ -170,7 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.compile_cache_dir = config_dict.placeholder(str)
 
   c.pipeline = ml_collections.ConfigDict()
-  c.pipeline.methods = ",".join(METHODS)
+  c.pipeline.methods = ",".join(PIPELINE_METHODS)
   c.stop_after_step = config_dict.placeholder(int)  # Testing only.
   return c
 
@@ -311,6 +320,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.kd.alpha <= 1.0:
     raise ValueError(
         f"config.kd.alpha must be in [0, 1], got {config.kd.alpha}.")
+  if not config.kd.clean_pass and config.kd.alpha != 1.0:
+    raise ValueError(
+        "config.kd.clean_pass = False drops the CE term: it needs "
+        f"config.kd.alpha = 1, got {config.kd.alpha}.")
   if config.kd.temperature <= 0:
     raise ValueError(
         f"config.kd.temperature must be > 0, got {config.kd.temperature}."

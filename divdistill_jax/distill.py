@@ -10,6 +10,7 @@ the step, never closure constants.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -123,13 +124,44 @@ def load_teachers(config: ml_collections.ConfigDict, teacher_dir: str | None):
   return model, saved, tcfg
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """The static options of one distillation step (hashable).
+
+  Attributes:
+    method: registered perturbation name ('none' = plain KD; perturb.py).
+    perturb: the perturbation's settings.
+    alpha: KD weight; the loss is (1 - alpha) CE + alpha T^2 KL.
+    temperature: T of the KD targets and the student's KD logits.
+    pairing: 'member' (student m <- teacher m) or 'mean'.
+    padding: crop padding of the augmentation (0 = none).
+    flip: random horizontal flips.
+    strategy: 'vmap' or 'unroll' over teacher members.
+    clean_pass: also run the student on the clean images (the CE term, and
+      the official BatchNorm threading clean -> perturbed). Only alpha = 1
+      may turn it off: the follow-up paper's recipe, one pass on the
+      perturbed images.
+  """
+
+  method: str
+  perturb: perturb.Options
+  alpha: float
+  temperature: float
+  pairing: str = "member"
+  padding: int = 0
+  flip: bool = False
+  strategy: str = "unroll"
+  clean_pass: bool = True
+
+  def __post_init__(self):
+    if not self.clean_pass and self.alpha != 1.0:
+      raise ValueError("Skipping the clean pass drops the CE term: only "
+                       f"kd.alpha = 1 allows it (got {self.alpha}).")
+
+
 def student_train_step(state: train.TrainState, images, labels, base_key,
                        teacher_vars, *, student: Student, fused: Student | None,
-                       teacher_model, tx, method: str, step_size: float,
-                       num_steps: int, norm: str, confidence_scaled: bool,
-                       alpha: float, temperature: float, pairing: str,
-                       padding: int, flip: bool, strategy: str,
-                       ods_group_size: int | None = None):
+                       teacher_model, tx, spec: StepSpec):
   """One distillation step (PAPER_SPEC 6.2).
 
   Args:
@@ -141,44 +173,42 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
       pass (None = two sequential passes).
     teacher_model: the plain teacher network.
     tx: optimiser.
-    method: perturbation ('none', 'gaussian', 'ods', 'confods',
-      'disagreement').
-    step_size, num_steps, norm, confidence_scaled: perturbation options.
-    alpha, temperature: KD weight and temperature.
-    pairing: 'member' or 'mean'.
-    padding, flip: augmentation.
-    strategy: 'vmap' or 'unroll' over teacher members.
-    ods_group_size: ODS / ConfODS draw a member and output weights per
-      group of this many images (the student's BatchNorm group, i.e. one
-      official GPU); None = one draw per batch.
+    spec: the step's static options.
 
   Returns:
     (new state, scalar metrics).
   """
   key = jax.random.fold_in(base_key, state.step)
   aug_key, perturb_key = jax.random.split(key)
-  x = augment.augment(aug_key, images, padding=padding, flip=flip)
+  x = augment.augment(aug_key, images, padding=spec.padding, flip=spec.flip)
+  m = student.ensemble_size
+  tile = lambda a: jnp.broadcast_to(a, (m, *a.shape))  # noqa: E731
 
   def member_logits(variables, inputs):
     return teacher_model.apply(variables, inputs, train=False)
 
-  x_kd = perturb.perturb(
-      method, perturb_key, x, member_logits, teacher_vars,
-      step_size=step_size, temperature=temperature, num_steps=num_steps,
-      norm=norm, confidence_scaled=confidence_scaled, strategy=strategy,
-      group_size=ods_group_size)
+  def student_logits(variables, inputs):
+    return student.apply(variables, tile(inputs), train=False)[0]
+
+  context = perturb.Context(
+      member_logits, teacher_vars, student_logits,
+      {"params": state.params, "batch_stats": state.batch_stats})
+  x_kd = perturb.apply(spec.method, perturb_key, x, context, spec.perturb)
   teacher_logits = ensemble.apply_members(teacher_model, teacher_vars, x_kd,
-                                          strategy=strategy)
-  m = student.ensemble_size
+                                          strategy=spec.strategy)
+  temperature = spec.temperature
   targets = losses.distillation_targets(
-      jax.lax.stop_gradient(teacher_logits), temperature, pairing, m)
-  tile = lambda a: jnp.broadcast_to(a, (m, *a.shape))  # noqa: E731
+      jax.lax.stop_gradient(teacher_logits), temperature, spec.pairing, m)
 
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
-    if method == "none":
+    if spec.method == "none":
       clean, batch_stats = student.apply(variables, tile(x), train=True)
       kd_logits = clean
+    elif not spec.clean_pass:
+      kd_logits, batch_stats = student.apply(variables, tile(x_kd),
+                                             train=True)
+      clean = kd_logits  # CE has weight 1 - alpha = 0; metrics only.
     elif fused is not None:
       both, batch_stats = fused.apply(
           variables, tile(jnp.concatenate([x, x_kd])), train=True)
@@ -189,7 +219,7 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
           {"params": params, "batch_stats": batch_stats}, tile(x_kd),
           train=True)
     loss, (ce, kd) = losses.distillation_loss(
-        clean, labels, kd_logits, targets, alpha=alpha,
+        clean, labels, kd_logits, targets, alpha=spec.alpha,
         temperature=temperature)
     acc = (clean.argmax(-1) == labels[None]).mean()
     return loss, (batch_stats, ce, kd, acc)
@@ -211,6 +241,25 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=batch_stats, opt_state=opt_state)
   return new_state, metrics
+
+
+def step_spec(config: ml_collections.ConfigDict,
+              step_size: float) -> StepSpec:
+  """The StepSpec of a distill config (step_size already resolved)."""
+  p = config.perturb
+  return StepSpec(
+      method=configlib.PERTURBATION_OF_METHOD[p.method],
+      perturb=perturb.Options(
+          step_size=step_size, temperature=config.kd.temperature,
+          num_steps=p.num_steps, norm=p.norm,
+          confidence_scaled=p.confidence_scaled,
+          strategy=config.model.ensemble_strategy,
+          # One draw per BatchNorm group: per official GPU.
+          group_size=config.student.bn_group_size, all_pairs=p.all_pairs),
+      alpha=config.kd.alpha, temperature=config.kd.temperature,
+      pairing=config.student.pairing, padding=config.data.crop_padding,
+      flip=config.data.flip, strategy=config.model.ensemble_strategy,
+      clean_pass=config.kd.clean_pass)
 
 
 def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
@@ -251,17 +300,10 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
                            num_selected=1)
 
   state = init(jax.random.fold_in(jax.random.key(config.seed), 2))
+  spec = step_spec(config, step_size)
   step = jax.jit(functools.partial(
       student_train_step, student=student, fused=fused,
-      teacher_model=teacher_model, tx=tx, method=method,
-      step_size=step_size, num_steps=config.perturb.num_steps,
-      norm=config.perturb.norm,
-      confidence_scaled=config.perturb.confidence_scaled,
-      alpha=config.kd.alpha, temperature=config.kd.temperature,
-      pairing=scfg.pairing, padding=config.data.crop_padding,
-      flip=config.data.flip, strategy=config.model.ensemble_strategy,
-      ods_group_size=scfg.bn_group_size),
-      donate_argnums=0)
+      teacher_model=teacher_model, tx=tx, spec=spec), donate_argnums=0)
   teacher_vars = parallel.replicate(teacher_vars, mesh)
 
   def train_step(state, images, labels, key):

@@ -13,6 +13,14 @@ All work in [0, 1] pixel space (the model normalises internally) and clip to
   disagreement  ours: `num_steps` ascent steps of total size eta on the
                 teachers' mutual disagreement mean_m KL(p_m || p_bar) at
                 temperature T, through all members, normalised like ODS.
+  tdiv_sdiv     Nam et al. (ICML 2022): ascend the divergence of a random
+                teacher pair minus that of the same student pair (needs the
+                student; FOLLOWUP_SPEC 2).
+
+Every method is registered under its name with one signature,
+`fn(key, x, Context, Options) -> x'`; `apply` runs one by name and
+`perturb` is the keyword form. A new method is one function and
+`@register(name)`.
 
 `norm='linf'` replaces the L2-normalised direction by sign(d) (every pixel
 moves by exactly eta).
@@ -20,6 +28,7 @@ moves by exactly eta).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +39,7 @@ from divdistill_jax import ensemble
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
-METHODS = ("none", "gaussian", "ods", "confods", "disagreement")
+StudentFn = Callable[[PyTree, jax.Array], jax.Array]
 
 
 def normalised_direction(grad: jax.Array, norm: str = "l2") -> jax.Array:
@@ -167,44 +176,251 @@ def disagreement(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
   return jax.lax.stop_gradient(out)
 
 
+def tdiv_sdiv(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
+              teacher_params: PyTree, student_fn: StudentFn,
+              student_variables: PyTree, *, step_size: float,
+              num_steps: int = 1, norm: str = "l2", all_pairs: bool = False,
+              strategy: str = "vmap") -> jax.Array:
+  """Teacher divergence minus student divergence (Nam et al., ICML 2022).
+
+  For an ordered pair (i, j) of members, drawn once per call from `key`
+  (the same pair for teachers and student), the objective per example is
+
+    L(x) = CE(sg(p^T_j), p^T_i) - CE(sg(p^S_j), p^S_i),
+
+  with CE(q, p) = -sum_k q_k log p_k at temperature 1, teachers and student
+  in eval mode (FOLLOWUP_SPEC 2). `num_steps` ascent steps of step_size /
+  num_steps each (1/255 units, RMS per pixel; official: one step of 1)
+  along the normalised gradient, clipped to [0, 1]: the teachers are pushed
+  apart and the student members together. With `all_pairs` the objective
+  is the mean over every ordered pair i != j (our variant).
+
+  Args:
+    key: PRNG key (the pair).
+    x: [B, H, W, C] images in [0, 1].
+    logits_fn: `(member_params, x) -> [B, K]` for ONE teacher.
+    teacher_params: stacked teacher params (leading axis M).
+    student_fn: `(student_variables, x) -> [M, B, K]` eval-mode logits of
+      every student member.
+    student_variables: the student's current variables (not updated here).
+    step_size: total eta in 1/255 units.
+    num_steps: ascent steps.
+    norm: 'l2' (official) or 'linf'.
+    all_pairs: average over all ordered pairs instead of one random pair.
+    strategy: 'vmap' or 'unroll' over teacher members (all_pairs only).
+
+  Returns:
+    Perturbed images [B, H, W, C] in [0, 1] (no gradient).
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+  num = ensemble.num_members(teacher_params)
+  i, j = jax.random.choice(key, num, shape=(2,), replace=False)
+
+  def pair_divergence(logp_i, logp_j):
+    """Per-example CE of member i to the stop-gradient member j."""
+    return -(jax.lax.stop_gradient(jnp.exp(logp_j)) * logp_i).sum(-1)
+
+  def objective(inputs):
+    s_logp = jax.nn.log_softmax(
+        student_fn(student_variables, inputs).astype(jnp.float32), -1)
+    if s_logp.shape[0] != num:
+      raise ValueError(
+          f"tdiv_sdiv pairs teacher and student members: {num} teachers "
+          f"but {s_logp.shape[0]} student members.")
+    if all_pairs:
+      t_logp = jax.nn.log_softmax(ensemble.map_members(
+          lambda p: logits_fn(p, inputs), teacher_params,
+          strategy=strategy).astype(jnp.float32), -1)
+      total = 0.0
+      for a in range(num):
+        for b in range(num):
+          if a != b:
+            total += (pair_divergence(t_logp[a], t_logp[b])
+                      - pair_divergence(s_logp[a], s_logp[b]))
+      per_example = total / (num * (num - 1))
+    else:
+      # Only teachers i and j run; the gradient flows through i alone.
+      t_i, t_j = (jax.nn.log_softmax(logits_fn(
+          ensemble.select_member(teacher_params, m), inputs).astype(
+              jnp.float32), -1) for m in (i, j))
+      per_example = (pair_divergence(t_i, t_j)
+                     - pair_divergence(s_logp[i], s_logp[j]))
+    # A sum over examples: each example's gradient is its own objective's.
+    return per_example.sum()
+
+  scale = step_size / 255.0 / num_steps
+  out = x
+  for _ in range(num_steps):
+    grad = jax.grad(objective)(out)
+    out = jnp.clip(out + scale * normalised_direction(grad, norm), 0.0, 1.0)
+  return jax.lax.stop_gradient(out)
+
+
+# ------------------------------------------------------------- the registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """A perturbation's settings (static and hashable: part of a step spec).
+
+  Attributes:
+    step_size: eta in 1/255 units (1.0 = the paper's 1/255).
+    temperature: T of the tempered teacher probabilities (ODS, ConfODS,
+      disagreement; TDiv-SDiv uses T = 1).
+    num_steps: ascent steps (disagreement, tdiv_sdiv).
+    norm: 'l2' or 'linf'.
+    confidence_scaled: disagreement only (ConfODS is its own method).
+    strategy: 'vmap' or 'unroll' over teacher members.
+    group_size: ods / confods: one member and w per group of images.
+    all_pairs: tdiv_sdiv over every ordered member pair.
+  """
+
+  step_size: float = 1.0
+  temperature: float = 1.0
+  num_steps: int = 1
+  norm: str = "l2"
+  confidence_scaled: bool = False
+  strategy: str = "vmap"
+  group_size: int | None = None
+  all_pairs: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """The networks a perturbation may look through (arrays may be traced).
+
+  Attributes:
+    teacher_fn: `(member_params, x) -> [B, K]` applying ONE teacher.
+    teacher_params: stacked teacher variables, leading axis M.
+    student_fn: `(variables, x) -> [M, B, K]` eval-mode student logits, for
+      methods that look at the student (None otherwise).
+    student_variables: the student's current variables.
+  """
+
+  teacher_fn: LogitsFn | None
+  teacher_params: PyTree
+  student_fn: StudentFn | None = None
+  student_variables: PyTree | None = None
+
+
+Method = Callable[[jax.Array, jax.Array, Context, Options], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Registered:
+  fn: Method
+  uses_student: bool
+
+
+_REGISTRY: dict[str, Registered] = {}
+
+
+def register(name: str, *, uses_student: bool = False):
+  """Decorator: `fn(key, x, context, options) -> x_perturbed` as `name`."""
+  def wrap(fn: Method) -> Method:
+    if name in _REGISTRY:
+      raise ValueError(f"Perturbation {name!r} is already registered.")
+    _REGISTRY[name] = Registered(fn, uses_student)
+    return fn
+  return wrap
+
+
+def methods() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def uses_student(method: str) -> bool:
+  """True when the method needs the student in its Context."""
+  return _lookup(method).uses_student
+
+
+def _lookup(method: str) -> Registered:
+  if method not in _REGISTRY:
+    raise ValueError(
+        f"Unknown perturbation {method!r}; use one of {methods()}.")
+  return _REGISTRY[method]
+
+
+register("none")(lambda key, x, ctx, o: x)
+register("gaussian")(
+    lambda key, x, ctx, o: gaussian(key, x, step_size=o.step_size))
+
+
+@register("ods")
+def _ods(key, x, ctx: Context, o: Options):
+  return ods(key, x, ctx.teacher_fn, ctx.teacher_params,
+             step_size=o.step_size, temperature=o.temperature, norm=o.norm,
+             group_size=o.group_size)
+
+
+@register("confods")
+def _confods(key, x, ctx: Context, o: Options):
+  return ods(key, x, ctx.teacher_fn, ctx.teacher_params,
+             step_size=o.step_size, temperature=o.temperature, norm=o.norm,
+             confidence_scaled=True, group_size=o.group_size)
+
+
+@register("disagreement")
+def _disagreement(key, x, ctx: Context, o: Options):
+  return disagreement(key, x, ctx.teacher_fn, ctx.teacher_params,
+                      step_size=o.step_size, temperature=o.temperature,
+                      num_steps=o.num_steps, norm=o.norm,
+                      confidence_scaled=o.confidence_scaled,
+                      strategy=o.strategy)
+
+
+@register("tdiv_sdiv", uses_student=True)
+def _tdiv_sdiv(key, x, ctx: Context, o: Options):
+  if ctx.student_fn is None:
+    raise ValueError("tdiv_sdiv needs the student: give the Context a "
+                     "student_fn and student_variables.")
+  return tdiv_sdiv(key, x, ctx.teacher_fn, ctx.teacher_params, ctx.student_fn,
+                   ctx.student_variables, step_size=o.step_size,
+                   num_steps=o.num_steps, norm=o.norm,
+                   all_pairs=o.all_pairs, strategy=o.strategy)
+
+
+def apply(method: str, key: jax.Array, x: jax.Array, context: Context,
+          options: Options) -> jax.Array:
+  """Runs a registered perturbation: x [B, H, W, C] in [0, 1] -> x'."""
+  return _lookup(method).fn(key, x, context, options)
+
+
 def perturb(method: str, key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
             teacher_params: PyTree, *, step_size: float, temperature: float,
             num_steps: int = 1, norm: str = "l2",
-            confidence_scaled: bool = False,
-            strategy: str = "vmap",
-            group_size: int | None = None) -> jax.Array:
-  """Dispatches to a perturbation method (see the module docstring).
+            confidence_scaled: bool = False, strategy: str = "vmap",
+            group_size: int | None = None,
+            student_fn: StudentFn | None = None,
+            student_variables: PyTree | None = None,
+            all_pairs: bool = False) -> jax.Array:
+  """Runs perturbation `method` (see the module docstring and `apply`).
 
   Args:
-    method: 'none', 'gaussian', 'ods', 'confods' or 'disagreement'.
+    method: a registered name: 'none', 'gaussian', 'ods', 'confods',
+      'disagreement', 'tdiv_sdiv'.
     key: PRNG key.
     x: [B, H, W, C] images in [0, 1].
-    logits_fn: `(member_params, x) -> [B, K]` applying ONE member.
+    logits_fn: `(member_params, x) -> [B, K]` applying ONE teacher.
     teacher_params: stacked teacher params, leading axis M.
     step_size: in 1/255 units (1.0 = the paper's eta).
     temperature: T for the tempered teacher probabilities.
-    num_steps: ascent steps (disagreement only).
+    num_steps: ascent steps (disagreement, tdiv_sdiv).
     norm: 'l2' or 'linf'.
     confidence_scaled: disagreement only (ConfODS is `method='confods'`).
-    strategy: 'vmap' or 'unroll' over members (disagreement only).
+    strategy: 'vmap' or 'unroll' over teacher members.
     group_size: ods / confods only: one random member and output weights
       per group of this many images (None = one draw for the batch).
+    student_fn, student_variables: the student, for tdiv_sdiv.
+    all_pairs: tdiv_sdiv over every ordered member pair.
 
   Returns:
     x_perturbed [B, H, W, C] in [0, 1].
   """
-  if method == "none":
-    return x
-  if method == "gaussian":
-    return gaussian(key, x, step_size=step_size)
-  if method in ("ods", "confods"):
-    return ods(key, x, logits_fn, teacher_params, step_size=step_size,
-               temperature=temperature, norm=norm,
-               confidence_scaled=method == "confods", group_size=group_size)
-  if method == "disagreement":
-    return disagreement(key, x, logits_fn, teacher_params,
-                        step_size=step_size, temperature=temperature,
-                        num_steps=num_steps, norm=norm,
-                        confidence_scaled=confidence_scaled,
-                        strategy=strategy)
-  raise ValueError(f"Unknown perturbation {method!r}; use one of {METHODS}.")
+  context = Context(logits_fn, teacher_params, student_fn, student_variables)
+  options = Options(step_size=step_size, temperature=temperature,
+                    num_steps=num_steps, norm=norm,
+                    confidence_scaled=confidence_scaled, strategy=strategy,
+                    group_size=group_size, all_pairs=all_pairs)
+  return apply(method, key, x, context, options)

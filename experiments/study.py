@@ -50,7 +50,8 @@ flags.DEFINE_string("train_sizes", "500", "Training-set sizes.")
 flags.DEFINE_string("models", "resnet8_w8", "Networks (teachers = students).")
 flags.DEFINE_string("budgets", "30", "Student epochs.")
 flags.DEFINE_string("etas", "1,4,auto", "Step sizes (1/255 units) or auto.")
-flags.DEFINE_string("methods", ",".join(configlib.METHODS), "Methods.")
+flags.DEFINE_string("methods", ",".join(configlib.PIPELINE_METHODS),
+                    "Methods.")
 flags.DEFINE_bool("collect_only", False, "Only summarise finished rows.")
 flags.DEFINE_string("out", None, "Folder for summary.md and plots.")
 flags.DEFINE_multi_string(

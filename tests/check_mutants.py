@@ -32,6 +32,11 @@ MUTANTS = {
         "teacher_logits = ensemble.apply_members(teacher_model, teacher_vars, "
         "x,",
         ["tests/test_distill_step.py"]),
+    "the student pass for TDiv-SDiv sees the clean images' statistics": (
+        "divdistill_jax/distill.py",
+        '      {"params": state.params, "batch_stats": state.batch_stats})',
+        '      {"params": state.params, "batch_stats": state.best_batch_stats})',
+        ["tests/test_distill_step.py"]),
     "perturbed pass without the clean pass's BN statistics": (
         "divdistill_jax/distill.py",
         '{"params": params, "batch_stats": batch_stats}, tile(x_kd),',
@@ -39,19 +44,19 @@ MUTANTS = {
         ["tests/test_distill_step.py"]),
     "CE on perturbed logits, KD on clean": (
         "divdistill_jax/distill.py",
-        "clean, labels, kd_logits, targets, alpha=alpha,",
-        "kd_logits, labels, clean, targets, alpha=alpha,",
+        "clean, labels, kd_logits, targets, alpha=spec.alpha,",
+        "kd_logits, labels, clean, targets, alpha=spec.alpha,",
         ["tests/test_distill_step.py"]),
     "alpha and 1 - alpha swapped": (
         "divdistill_jax/distill.py",
-        "clean, labels, kd_logits, targets, alpha=alpha,",
-        "clean, labels, kd_logits, targets, alpha=1 - alpha,",
+        "clean, labels, kd_logits, targets, alpha=spec.alpha,",
+        "clean, labels, kd_logits, targets, alpha=1 - spec.alpha,",
         ["tests/test_distill_step.py"]),
     "one ODS draw per batch although groups are set": (
         "divdistill_jax/distill.py",
-        "      group_size=ods_group_size)",
-        "      group_size=None)",
-        ["tests/test_distill_step.py"]),
+        "group_size=config.student.bn_group_size,",
+        "group_size=None,",
+        ["tests/test_distill_step.py", "tests/test_distill.py"]),
     "every teacher member on the same data order": (
         "divdistill_jax/teachers.py",
         "stream=member) for member in range(m)])",

@@ -6,8 +6,8 @@ from conftest import CONFIG_FILES, load_config
 from divdistill_jax import configlib, data, models
 
 VARIANTS = (None, "teachers", "kd", "gaussian", "ods", "confods",
-            "disagreement", "pipeline", "evaluate", "smoke", "confods,smoke",
-            "teachers,smoke")
+            "disagreement", "tdiv_sdiv", "pipeline", "evaluate", "smoke",
+            "confods,smoke", "teachers,smoke")
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
@@ -89,6 +89,7 @@ def test_unknown_key_and_wrong_type_fail():
     ("perturb.step_size", "big", "perturb.step_size"),
     ("perturb.auto_target_ratio", 0.0, "perturb.auto_target_ratio"),
     ("perturb.num_steps", 0, "perturb.num_steps"),
+    ("kd.clean_pass", False, "kd.clean_pass"),
     ("student.bn_group_size", 7, "student.bn_group_size"),
     ("teacher.bn_group_size", 0, "teacher.bn_group_size"),
     ("student.optim.learning_rate", -0.1, "student.optim.learning_rate"),

@@ -56,6 +56,26 @@ def test_teacher_errors_are_clear(teacher_dir, tmp_path):
     distill.load_teachers(_student("kd", broken), broken)
 
 
+def test_step_spec_carries_the_config():
+  """Every static option of the step comes from its config field."""
+  config = load_config("cifar100_wrn28x10", "confods")
+  spec = distill.step_spec(config, 2.5)
+  assert (spec.method, spec.alpha, spec.temperature, spec.pairing) == (
+      "confods", 0.9, 1.0, "member")
+  assert (spec.padding, spec.flip, spec.clean_pass) == (4, True, True)
+  options = spec.perturb
+  assert (options.step_size, options.temperature, options.num_steps) == (
+      2.5, 1.0, 1)
+  # One ODS draw per official GPU: the student's BatchNorm group.
+  assert options.group_size == config.student.bn_group_size == 16
+  syncbn = distill.step_spec(load_config("cifar100_wrn28x10",
+                                         "confods,syncbn"), 1.0)
+  assert syncbn.perturb.group_size is None
+  with pytest.raises(ValueError, match="only kd.alpha = 1"):
+    distill.StepSpec(method="ods", perturb=options, alpha=0.9,
+                     temperature=1.0, clean_pass=False)
+
+
 def test_fused_pass_equals_two_passes_on_forward_statistics():
   config = _student("confods", None)
   batch = 8
@@ -117,9 +137,9 @@ def test_pipeline_runs_every_method_and_reuses_stages(smoke_pipeline,
   assert "diversity-matched" not in out  # The calibration is reused too.
   labels = [r["label"] for r in results["rows"]]
   assert labels == ["DE-1", "DE-2"] + [
-      f"BE-2 {configlib.METHOD_LABELS[m]}" for m in configlib.METHODS]
+      f"BE-2 {configlib.METHOD_LABELS[m]}" for m in configlib.PIPELINE_METHODS]
   root = Path(workdir)
-  for method in configlib.METHODS:
+  for method in configlib.PIPELINE_METHODS:
     assert os.path.exists(root / "students" / method / "predictions.npz")
   for plot in ("teacher_kl.png", "step_size_calibration.png"):
     assert os.path.getsize(root / "plots" / plot) > 1000
@@ -128,7 +148,8 @@ def test_pipeline_runs_every_method_and_reuses_stages(smoke_pipeline,
   # Fixed eta: students use it; the calibration is a logged diagnostic.
   with open(root / "teachers" / "step_size.json") as f:
     calibration = json.load(f)
-  assert set(calibration["methods"]) == set(configlib.METHODS) - {"kd"}
+  assert set(calibration["methods"]) == set(configlib.PIPELINE_METHODS) - {
+      "kd"}
   rows = {r["label"]: r for r in results["rows"]}
   assert rows["BE-2 KD+ODS"]["step_size"] == 1.0
   assert rows["BE-2 KD"]["step_size"] is None

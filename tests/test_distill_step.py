@@ -51,7 +51,7 @@ def _setup(pairing):
 
 def _reference_run(student_model, variables, teacher_model, teacher_vars,
                    images, labels, base_key, *, method, pairing, fused,
-                   num_ascent, confidence_scaled, group):
+                   num_ascent, confidence_scaled, group, alpha, clean_pass):
   """NUM_STEPS steps recomputed by hand; returns (params, stats, metrics)."""
   params = jax.tree.map(np.asarray, variables["params"])
   stats = variables["batch_stats"]
@@ -63,15 +63,22 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
   def teacher_fn(v, inputs):
     return teacher_model.apply(v, inputs, train=False)
 
+  def student_fn(v, inputs):  # Eval mode, for tdiv_sdiv.
+    return student_model.apply(v, jnp.broadcast_to(inputs, (M, *inputs.shape)),
+                                train=False)
+
   for step in range(NUM_STEPS):
     key = jax.random.fold_in(base_key, step)
     _, perturb_key = jax.random.split(key)
     x = jnp.asarray(images[step], jnp.float32) / 255.0  # No augmentation.
+    # The student as it is before this step's update.
     x_kd = perturb.perturb(method, perturb_key, x, teacher_fn, teacher_vars,
                            step_size=ETA, temperature=TEMP,
                            num_steps=num_ascent,
                            confidence_scaled=confidence_scaled,
-                           group_size=group)
+                           group_size=group, student_fn=student_fn,
+                           student_variables={"params": params,
+                                              "batch_stats": stats})
     if method == "none":
       np.testing.assert_array_equal(x_kd, x)
     # Teachers on the perturbed images, one member at a time.
@@ -92,6 +99,11 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
     @jax.jit
     @functools.partial(jax.grad, has_aux=True)
     def loss_grad(p, s, x, x_kd, targets, y):
+      if not clean_pass:  # One pass, on the perturbed images only.
+        kd_logits, s2 = apply(p, s, x_kd)
+        logq = jax.nn.log_softmax(kd_logits / TEMP)
+        kd = jnp.mean(jnp.sum(targets * (jnp.log(targets) - logq), -1))
+        return TEMP**2 * kd, (kd_logits, kd_logits, s2)
       clean, s1 = apply(p, s, x)
       if method == "none":
         kd_logits, s2 = clean, s1
@@ -106,7 +118,7 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
           logp, jnp.broadcast_to(y, (M, B))[..., None], -1))
       logq = jax.nn.log_softmax(kd_logits / TEMP)
       kd = jnp.mean(jnp.sum(targets * (jnp.log(targets) - logq), -1))
-      return (1 - ALPHA) * ce + ALPHA * TEMP**2 * kd, (clean, kd_logits, s2)
+      return (1 - alpha) * ce + alpha * TEMP**2 * kd, (clean, kd_logits, s2)
 
     grads, (clean, kd_logits, stats) = loss_grad(params, stats, x, x_kd,
                                                  targets, labels[step])
@@ -120,7 +132,7 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
     mi = (np.exp(logp_t) * (logp_t - log_mean)).sum(-1).mean(0).mean()
     delta = np.asarray(x_kd, np.float64) - np.asarray(x, np.float64)
     all_metrics.append({
-        "loss": (1 - ALPHA) * ce + ALPHA * TEMP**2 * kd, "ce": ce, "kd": kd,
+        "loss": (1 - alpha) * ce + alpha * TEMP**2 * kd, "ce": ce, "kd": kd,
         "accuracy": (np.asarray(clean).argmax(-1) == y).mean(),
         "perturbation_l2": np.linalg.norm(delta.reshape(B, -1), axis=1).mean(),
         "teacher_mi": mi})
@@ -139,22 +151,28 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
 
 
 CASES = [
-    # (method, pairing, fused, ascent steps, confidence_scaled, BN/ODS group)
-    ("none", "member", False, 1, False, None),
-    ("gaussian", "member", False, 1, False, None),
-    ("ods", "member", False, 1, False, None),
-    ("confods", "member", False, 1, False, None),
-    ("disagreement", "member", False, 2, True, None),
-    ("confods", "member", True, 1, False, None),
-    ("ods", "mean", False, 1, False, None),
+    # (method, pairing, fused, ascent steps, confidence_scaled, BN/ODS group,
+    #  clean pass)
+    ("none", "member", False, 1, False, None, True),
+    ("gaussian", "member", False, 1, False, None, True),
+    ("ods", "member", False, 1, False, None, True),
+    ("confods", "member", False, 1, False, None, True),
+    ("disagreement", "member", False, 2, True, None, True),
+    ("confods", "member", True, 1, False, None, True),
+    ("ods", "mean", False, 1, False, None, True),
     # Per-GPU groups: ghost BatchNorm and one ODS draw per 4 images.
-    ("confods", "member", False, 1, False, 4),
+    ("confods", "member", False, 1, False, 4, True),
+    # The ICML 2022 recipe: TDiv-SDiv through the current student, alpha = 1
+    # and only the perturbed pass.
+    ("tdiv_sdiv", "member", False, 1, False, None, False),
 ]
 
 
-@pytest.mark.parametrize("method,pairing,fused,num_ascent,conf,group", CASES)
+@pytest.mark.parametrize("method,pairing,fused,num_ascent,conf,group,clean",
+                         CASES)
 def test_student_step_matches_reference(method, pairing, fused, num_ascent,
-                                        conf, group):
+                                        conf, group, clean):
+  alpha = ALPHA if clean else 1.0
   config, teacher_model, teacher_vars, images, labels = _setup(pairing)
   student = distill.Student(config, group)
   variables = student.init(jax.random.key(2), jnp.zeros((1, HW, HW, 1)))
@@ -165,13 +183,15 @@ def test_student_step_matches_reference(method, pairing, fused, num_ascent,
                             schedule="constant")
   state = train.new_state(variables["params"], variables["batch_stats"],
                           tx.init(variables["params"]), num_selected=1)
+  spec = distill.StepSpec(
+      method=method, perturb=perturb.Options(
+          step_size=ETA, temperature=TEMP, num_steps=num_ascent,
+          confidence_scaled=conf, strategy="unroll", group_size=group),
+      alpha=alpha, temperature=TEMP, pairing=pairing, clean_pass=clean)
   step = jax.jit(lambda s, x, y, k, tv: distill.student_train_step(
       s, x, y, k, tv, student=student,
       fused=distill.Student(config, B) if fused else None,
-      teacher_model=teacher_model, tx=tx, method=method, step_size=ETA,
-      num_steps=num_ascent, norm="l2", confidence_scaled=conf, alpha=ALPHA,
-      temperature=TEMP, pairing=pairing, padding=0, flip=False,
-      strategy="unroll", ods_group_size=group))
+      teacher_model=teacher_model, tx=tx, spec=spec))
   base_key = jax.random.key(7)
   got_metrics = []
   for i in range(NUM_STEPS):
@@ -181,7 +201,8 @@ def test_student_step_matches_reference(method, pairing, fused, num_ascent,
   want_params, want_stats, want_metrics = _reference_run(
       student.model, variables, teacher_model, teacher_vars, images, labels,
       base_key, method=method, pairing=pairing, fused=fused,
-      num_ascent=num_ascent, confidence_scaled=conf, group=group)
+      num_ascent=num_ascent, confidence_scaled=conf, group=group,
+      alpha=alpha, clean_pass=clean)
 
   for got, want in zip(got_metrics, want_metrics):
     for name, value in want.items():

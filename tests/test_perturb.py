@@ -252,6 +252,133 @@ def test_disagreement_follows_its_formula(num_steps, confidence_scaled):
   assert (rms <= eta / 255 * (1 + 1e-4)).all()
 
 
+def _tdiv_setup(seed=8):
+  """Linear teachers on the first half of the pixels, a linear 'student'
+  with member weights on the second half: the two divergences move
+  different pixels, so one ascent step must raise one and lower the other."""
+  rng = np.random.default_rng(seed)
+  half = D // 2
+  teachers = np.zeros((M, D, K), np.float32)
+  teachers[:, :half] = rng.normal(size=(M, half, K)) * 3
+  student = np.zeros((M, D, K), np.float32)
+  student[:, half:] = rng.normal(size=(M, D - half, K)) * 3
+  x = jnp.asarray(rng.uniform(0.3, 0.7, (B, H, W, C)), jnp.float32)
+  return jnp.asarray(teachers), jnp.asarray(student), x
+
+
+def _student_fn(w, x):
+  return jnp.einsum("bd,mdk->mbk", x.reshape(x.shape[0], -1), w)
+
+
+def _pair_divergences(teachers, student, xf, x_target, i, j):
+  """Per-example CE(p_j(x_target), p_i(xf)) of the teachers and of the
+  student members (numpy): the objective's two terms, its stop-gradient
+  targets p_j held at `x_target`."""
+  def ce(w):
+    log_p_i = np.log(_softmax(xf @ np.asarray(w[i], np.float64)))
+    p_j = _softmax(x_target @ np.asarray(w[j], np.float64))
+    return -(p_j * log_p_i).sum(-1)
+  return ce(teachers), ce(student)
+
+
+def test_tdiv_sdiv_step_follows_the_finite_difference_gradient():
+  teachers, student, x = _tdiv_setup()
+  key = jax.random.key(11)
+  i, j = (int(v) for v in jax.random.choice(key, M, (2,), replace=False))
+  eta = 2.0
+  out = perturb.perturb("tdiv_sdiv", key, x, linear_logits, teachers,
+                        step_size=eta, temperature=4.0, student_fn=_student_fn,
+                        student_variables=student)
+  xf = np.asarray(x, np.float64).reshape(B, -1)
+
+  def objective(xs, b):
+    # sg(p_j) is a constant: take it at the unperturbed point.
+    t_j = _softmax(xf[b] @ np.asarray(teachers[j], np.float64))
+    s_j = _softmax(xf[b] @ np.asarray(student[j], np.float64))
+    t_i = _softmax(xs @ np.asarray(teachers[i], np.float64))
+    s_i = _softmax(xs @ np.asarray(student[i], np.float64))
+    return -(t_j * np.log(t_i)).sum() + (s_j * np.log(s_i)).sum()
+
+  delta = np.asarray(out, np.float64).reshape(B, -1) - xf
+  h = 1e-5
+  for b in range(B):
+    fd = np.array([(objective(xf[b] + h * e, b) - objective(xf[b] - h * e, b))
+                   / (2 * h) for e in np.eye(D)])
+    want = eta / 255 * np.sqrt(D) * fd / np.linalg.norm(fd)
+    np.testing.assert_allclose(delta[b], want, rtol=1e-3, atol=1e-6)
+  # One step raises the teachers' divergence for the pair and lowers the
+  # student's (each member i against its partner's prediction at x).
+  t0, s0 = _pair_divergences(teachers, student, xf, xf, i, j)
+  t1, s1 = _pair_divergences(teachers, student, xf + delta, xf, i, j)
+  assert (t1 > t0).all() and (s1 < s0).all()
+  # The temperature of the KD targets plays no role (T = 1 here).
+  same = perturb.perturb("tdiv_sdiv", key, x, linear_logits, teachers,
+                         step_size=eta, temperature=1.0,
+                         student_fn=_student_fn, student_variables=student)
+  np.testing.assert_array_equal(out, same)
+
+
+def test_tdiv_sdiv_all_pairs_and_several_steps():
+  teachers, student, x = _tdiv_setup(9)
+  xf = np.asarray(x, np.float64).reshape(B, -1)
+  tw = np.asarray(teachers, np.float64)
+  sw = np.asarray(student, np.float64)
+
+  def grad_all_pairs(xs):
+    # d/dx of mean_{a != b} [CE(sg p_b, p_a)] for teachers minus students:
+    # d CE(q, softmax(z_a)) / dz_a = p_a - q, through z_a = x W_a.
+    g = np.zeros_like(xs)
+    for sign, w in ((1.0, tw), (-1.0, sw)):
+      probs = [_softmax(xs @ w[m]) for m in range(M)]
+      for a in range(M):
+        for b in range(M):
+          if a != b:
+            g += sign * (probs[a] - probs[b]) @ w[a].T
+    return g / (M * (M - 1))
+
+  eta, steps = 3.0, 2
+  want = xf
+  for _ in range(steps):
+    g = grad_all_pairs(want)
+    want = np.clip(want + eta / 255 / steps * np.sqrt(D) * g
+                   / np.linalg.norm(g, axis=1, keepdims=True), 0, 1)
+  out = perturb.perturb("tdiv_sdiv", jax.random.key(0), x, linear_logits,
+                        teachers, step_size=eta, temperature=1.0,
+                        num_steps=steps, all_pairs=True,
+                        student_fn=_student_fn, student_variables=student)
+  np.testing.assert_allclose(np.asarray(out, np.float64).reshape(B, -1) - xf,
+                             want - xf, rtol=2e-3, atol=1e-6)
+
+
+def test_tdiv_sdiv_needs_the_student_and_matching_sizes():
+  teachers, student, x = _tdiv_setup()
+  with pytest.raises(ValueError, match="needs the student"):
+    perturb.perturb("tdiv_sdiv", jax.random.key(0), x, linear_logits,
+                    teachers, step_size=1.0, temperature=1.0)
+  with pytest.raises(ValueError, match="3 teachers but 2 student members"):
+    perturb.perturb("tdiv_sdiv", jax.random.key(0), x, linear_logits,
+                    teachers, step_size=1.0, temperature=1.0,
+                    student_fn=_student_fn, student_variables=student[:2])
+  assert perturb.uses_student("tdiv_sdiv")
+  assert not perturb.uses_student("confods")
+
+
+def test_registry_runs_a_new_method_through_apply():
+  name = "test_shift"
+  if name not in perturb.methods():
+    @perturb.register(name)
+    def _shift(key, x, ctx, options):  # pylint: disable=unused-variable
+      del key, ctx
+      return jnp.clip(x + options.step_size / 255, 0, 1)
+  x = jnp.full((2, 2, 2, 1), 0.5)
+  out = perturb.apply(name, jax.random.key(0), x,
+                      perturb.Context(None, None),
+                      perturb.Options(step_size=3.0))
+  np.testing.assert_allclose(out, 0.5 + 3 / 255)
+  with pytest.raises(ValueError, match="already registered"):
+    perturb.register(name)(lambda *a: a[1])
+
+
 def test_unknown_method():
   with pytest.raises(ValueError, match="Unknown perturbation"):
     perturb.perturb("fgsm", jax.random.key(0), jnp.zeros((1, 2, 2, 1)), None,
