@@ -34,8 +34,10 @@ MUTANTS = {
         ["tests/test_distill_step.py"]),
     "the student pass for TDiv-SDiv sees the clean images' statistics": (
         "divdistill_jax/distill.py",
-        '      {"params": state.params, "batch_stats": state.batch_stats})',
-        '      {"params": state.params, "batch_stats": state.best_batch_stats})',
+        '      {"params": state.params, "batch_stats": '
+        'state.batch_stats})',
+        '      {"params": state.params, "batch_stats": '
+        'state.best_batch_stats})',
         ["tests/test_distill_step.py"]),
     "perturbed pass without the clean pass's BN statistics": (
         "divdistill_jax/distill.py",
