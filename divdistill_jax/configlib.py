@@ -63,6 +63,10 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
   # 'epoch' (official: LR constant within an epoch) or 'step' (the same
   # curve at the fractional epoch; smooths a short warm-up).
   c.granularity = "epoch"
+  # Fast group: fast_grad_scale * (g + fast_weight_decay * (p - target)).
+  # Set by student.kind = 'latentbe' (optim.make_optimizer).
+  c.fast_decay_target = 0.0
+  c.fast_grad_scale = 1.0
   c.update(overrides)
   return c
 
@@ -117,6 +121,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.student = ml_collections.ConfigDict()
   c.student.ensemble_size = 4  # BE-M; 1 = single network (use pairing=mean).
+  # 'batchensemble' (NeurIPS 2021) or 'latentbe' (ICML 2022: fast weights
+  # start at 1, shared classifier bias before s, fast weights decayed toward
+  # 1 with wd / M and their gradients x M, one LR; evaluated also as ONE
+  # merged network). 'latentbe' overrides fast_init_std and the fast group.
+  c.student.kind = "batchensemble"
+  # LatentBE: also re-estimate the merged network's BatchNorm statistics on
+  # the training images (an extra table row; the follow-up does not).
+  c.student.merge_bn_reestimate = False
   c.student.pairing = "member"  # 'member' (official) | 'mean'.
   c.student.batch_size = 128  # Global images; each is tiled M times.
   c.student.epochs = 250
@@ -239,6 +251,7 @@ _CHOICES = {
     "perturb.method": METHODS,
     "perturb.norm": ("l2", "linf"),
     "student.pairing": ("member", "mean"),
+    "student.kind": ("batchensemble", "latentbe"),
     "model.dtype": ("float32", "bfloat16"),
     "model.ensemble_strategy": ("unroll", "vmap"),
     "eval.schedule": ("every", "official"),
@@ -295,6 +308,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(
           f"config.{who}.bn_group_size = {group} must be >= 1 and divide "
           f"config.{who}.batch_size = {batch}.")
+  if config.student.kind == "latentbe" and config.student.ensemble_size < 2:
+    raise ValueError("config.student.kind = 'latentbe' needs "
+                     "config.student.ensemble_size >= 2.")
   if config.student.fast_init_std < 0:
     raise ValueError("config.student.fast_init_std must be >= 0, got "
                      f"{config.student.fast_init_std}.")
@@ -328,12 +344,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.kd.temperature must be > 0, got {config.kd.temperature}."
     )
-  for method in parse_variants(config.pipeline.methods):
-    if method not in METHODS:
+  for entry in parse_variants(config.pipeline.methods):
+    kind, method = parse_student_entry(entry)
+    if method not in METHODS or kind not in STUDENT_KINDS:
       raise ValueError(
-          f"config.pipeline.methods has unknown method {method!r}; "
-          f"expected a comma-separated subset of {list(METHODS)}."
-      )
+          f"config.pipeline.methods has unknown entry {entry!r}; expected "
+          f"comma-separated METHOD or KIND:METHOD with METHOD in "
+          f"{list(METHODS)} and KIND in {list(STUDENT_KINDS)}.")
+
+
+# Student kinds a pipeline entry may name: 'be' (BatchEnsemble), 'latentbe',
+# 'single' (one network, mean pairing); None = the config's student.
+STUDENT_KINDS = (None, "be", "latentbe", "single")
+
+
+def parse_student_entry(entry: str) -> tuple[str | None, str]:
+  """'latentbe:tdiv_sdiv' -> ('latentbe', 'tdiv_sdiv'); 'ods' -> (None,
+  'ods')."""
+  if ":" in entry:
+    kind, method = entry.split(":", 1)
+    return kind, method
+  return None, entry
+
+
+def apply_student_kind(config: ml_collections.ConfigDict,
+                       kind: str | None) -> None:
+  """Sets an unlocked config's student to a pipeline entry's kind."""
+  if kind == "be":
+    config.student.kind = "batchensemble"
+  elif kind == "latentbe":
+    config.student.kind = "latentbe"
+  elif kind == "single":
+    config.student.kind = "batchensemble"
+    config.student.ensemble_size = 1
+    config.student.pairing = "mean"
 
 
 def _validate_optim(optim: ml_collections.ConfigDict, name: str) -> None:
@@ -345,8 +389,8 @@ def _validate_optim(optim: ml_collections.ConfigDict, name: str) -> None:
   if not 0.0 <= optim.momentum < 1.0:
     raise ValueError(
         f"config.{name}.momentum must be in [0, 1), got {optim.momentum}.")
-  if not 0.0 < optim.warmup_factor <= 1.0:
-    raise ValueError(f"config.{name}.warmup_factor must be in (0, 1], got "
+  if not 0.0 <= optim.warmup_factor <= 1.0:
+    raise ValueError(f"config.{name}.warmup_factor must be in [0, 1], got "
                      f"{optim.warmup_factor}.")
   m = tuple(optim.milestones)
   if len(m) != 3 or not 1 <= m[0] <= m[1] <= m[2]:

@@ -21,8 +21,8 @@ import ml_collections
 import optax
 
 from divdistill_jax import (augment, calibrate, checkpointing, configlib,
-                            data, ensemble, logging_utils, losses, models,
-                            optim, parallel, perturb, train)
+                            data, ensemble, latentbe, logging_utils, losses,
+                            models, optim, parallel, perturb, train)
 
 
 class TeacherError(ValueError):
@@ -34,19 +34,28 @@ class Student:
 
   BatchEnsemble for M > 1 (input [M, B, H, W, C]); for M = 1 the plain
   network, applied to x[0] and given back a member axis, so that the single
-  network student is a real single network (no fast weights).
+  network student is a real single network (no fast weights). With
+  `student.kind = 'latentbe'` the BatchEnsemble starts from identical
+  members (fast weights 1) with a shared classifier bias before s, and
+  `plain_model` is the single network it merges into (latentbe.py).
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
                bn_group_size: int | None):
     info = data.dataset_info(config.data.name)
     self.ensemble_size = config.student.ensemble_size
+    self.kind = config.student.kind
     plain = self.ensemble_size == 1
+    latent = self.kind == "latentbe"
     self.model = models.get_model(
         config.model.name, num_classes=info.num_classes, mean=info.mean,
         std=info.std, dtype=config.model.dtype, bn_group_size=bn_group_size,
         ensemble_size=None if plain else self.ensemble_size,
-        fast_init_std=config.student.fast_init_std)
+        fast_init_std=0.0 if latent else config.student.fast_init_std,
+        bias_mode="shared_before_s" if latent else "member")
+    self.plain_model = models.get_model(
+        config.model.name, num_classes=info.num_classes, mean=info.mean,
+        std=info.std, dtype=config.model.dtype)
     self._plain = plain
 
   def init(self, key, sample: jax.Array):
@@ -262,6 +271,56 @@ def step_spec(config: ml_collections.ConfigDict,
       clean_pass=config.kd.clean_pass)
 
 
+def student_optim(config: ml_collections.ConfigDict) -> dict:
+  """The student's optimiser fields; LatentBE's fast group by definition.
+
+  LatentBE (FOLLOWUP_SPEC 1): one LR for every parameter, fast weights
+  decayed toward 1 with wd / M and their gradients scaled by M, so their
+  update direction is M g + wd (p - 1).
+  """
+  fields = dict(config.student.optim)
+  if config.student.kind == "latentbe":
+    m = config.student.ensemble_size
+    fields.update(fast_learning_rate=fields["learning_rate"],
+                  fast_weight_decay=fields["weight_decay"] / m,
+                  fast_decay_target=1.0, fast_grad_scale=float(m))
+  return fields
+
+
+def merged_predictions(config: ml_collections.ConfigDict, student: Student,
+                       variables, mesh, *, splits: dict) -> dict:
+  """Predictions of the merged LatentBE network: one plain network.
+
+  Returns arrays `merged_<rule>_{validation,test}_probs` [1, N, K] for the
+  bias rules 'sb' and 'b', and `merged_sb_bn_*` when
+  `student.merge_bn_reestimate` (statistics re-estimated on the training
+  images).
+  """
+  plain = student.plain_model
+
+  @jax.jit
+  def predict(v, images):
+    logits = plain.apply(v, augment.to_float(images), train=False)
+    return jax.nn.softmax(logits, -1)[None]
+
+  variables = jax.device_get(variables)
+  sample = jnp.zeros((1, *splits["train"][0].shape[1:]), jnp.float32)
+  merged = {rule: latentbe.merge(variables, rule)
+            for rule in latentbe.BIAS_RULES}
+  latentbe.check_structure(merged["sb"], plain, sample)
+  if config.student.merge_bn_reestimate:
+    merged["sb_bn"] = latentbe.reestimate_batch_stats(
+        plain, merged["sb"], augment.to_float(splits["train"][0]),
+        config.eval.batch_size)
+  out = {}
+  for name, v in merged.items():
+    v = parallel.replicate(v, mesh)
+    for split in ("validation", "test"):
+      out[f"merged_{name}_{split}_probs"] = train.predict_split(
+          predict, v, splits[split][0], mesh, config.eval.batch_size)
+  return out
+
+
 def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
                       teacher_model, teacher_vars,
                       step_size: float | None = None) -> train.Task:
@@ -289,7 +348,8 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
   if scfg.fused_passes and method != "none":
     fused = Student(config, scfg.bn_group_size or batch)
   tx = optim.make_optimizer(steps_per_epoch=steps_per_epoch,
-                            total_epochs=scfg.epochs, **scfg.optim)
+                            total_epochs=scfg.epochs,
+                            **student_optim(config))
   sample = jnp.zeros((1, *train_images.shape[1:]), jnp.float32)
 
   @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
@@ -323,9 +383,15 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
         train=False)
     return jax.nn.softmax(logits, axis=-1)
 
+  extra = None
+  if student.kind == "latentbe":
+    extra = functools.partial(merged_predictions, config, student,
+                              splits=splits)
+
   return train.Task(
       name=f"student {config.perturb.method}", state=state,
       train_step=train_step, batch_fn=batch_fn, predict_fn=predict,
+      extra_predictions=extra,
       selection="mean", steps_per_epoch=steps_per_epoch, epochs=scfg.epochs,
       images_per_step=batch,
       eval_epochs=train.eval_epochs(scfg.epochs, scfg.eval_every_epochs,
@@ -362,4 +428,5 @@ def distill(config: ml_collections.ConfigDict, workdir: str,
                    splits=splits,
                    predictions_extra={
                        "method": config.perturb.method,
+                       "kind": config.student.kind,
                        "step_size": None if method_is_kd else step_size})

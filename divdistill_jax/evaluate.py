@@ -42,9 +42,40 @@ def _done_info(run_dir: str) -> dict:
     return json.load(f)
 
 
-def student_label(method: str, ensemble_size: int) -> str:
-  prefix = "Single" if ensemble_size == 1 else f"BE-{ensemble_size}"
+# Rows of the merged LatentBE network (one plain network at test time):
+# predictions.npz key infix -> label suffix.
+MERGED_ROWS = {"sb": "(merged)", "b": "(merged, bias b)",
+               "sb_bn": "(merged, BN re-estimated)"}
+
+
+def student_label(method: str, ensemble_size: int,
+                  kind: str = "batchensemble") -> str:
+  if ensemble_size == 1:
+    prefix = "Single"
+  elif kind == "latentbe":
+    prefix = f"LatentBE-{ensemble_size}"
+  else:
+    prefix = f"BE-{ensemble_size}"
   return f"{prefix} {configlib.METHOD_LABELS.get(method, method)}"
+
+
+def merged_label(label: str, rule: str) -> str:
+  """'LatentBE-4 KD' -> 'LatentBE-4 (merged)'; other methods keep theirs."""
+  base = label[:-len(" KD")] if label.endswith(" KD") else label
+  return f"{base} {MERGED_ROWS[rule]}"
+
+
+def merged_students(label: str, preds: dict) -> list[tuple[str, dict]]:
+  """(label, predictions) of each merged network saved with a student."""
+  out = []
+  for rule in MERGED_ROWS:
+    key = f"merged_{rule}_test_probs"
+    if key in preds:
+      out.append((merged_label(label, rule), {
+          "validation_probs": preds[f"merged_{rule}_validation_probs"],
+          "validation_labels": preds["validation_labels"],
+          "test_probs": preds[key], "test_labels": preds["test_labels"]}))
+  return out
 
 
 def build_rows(teacher_preds: dict, students: list[tuple[str, dict]], *,
@@ -113,16 +144,24 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def discover_students(workdir: str) -> list[tuple[str, str]]:
-  """(method, run dir) of finished students under workdir/students."""
+def discover_students(workdir: str,
+                      order: list[str] | None = None) -> list[tuple[str, str]]:
+  """(method, run dir) of finished students under workdir/students.
+
+  The method is the one the run recorded (done.json), else the folder name.
+  Folders in `order` come first, in that order (the pipeline's entries),
+  then the paper's methods, then the rest by name.
+  """
   root = os.path.join(workdir, "students")
   if not os.path.isdir(root):
     return []
   found = {name: os.path.join(root, name) for name in os.listdir(root)
            if os.path.exists(os.path.join(root, name, "predictions.npz"))}
-  order = [m for m in configlib.METHODS if m in found]
+  preferred = list(order or []) + list(configlib.METHODS)
+  order = list(dict.fromkeys(m for m in preferred if m in found))
   order += sorted(set(found) - set(order))
-  return [(m, found[m]) for m in order]
+  return [(_done_info(found[name]).get("method", name), found[name])
+          for name in order]
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -136,12 +175,18 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   teacher_dir = os.path.join(workdir, "teachers")
   teacher_preds = load_predictions(teacher_dir)
   students, seconds, etas = [], {}, {}
-  for method, run_dir in discover_students(workdir):
+  entries = configlib.parse_variants(config.pipeline.methods)
+  for method, run_dir in discover_students(
+      workdir, [e.replace(":", "_") for e in entries]):
     preds = load_predictions(run_dir)
-    label = student_label(method, preds["test_probs"].shape[0])
-    students.append((label, preds))
     info = _done_info(run_dir)
-    seconds[label], etas[label] = info.get("seconds"), info.get("step_size")
+    label = student_label(method, preds["test_probs"].shape[0],
+                          info.get("kind", "batchensemble"))
+    for row_label, row_preds in [(label, preds)] + merged_students(label,
+                                                                    preds):
+      students.append((row_label, row_preds))
+      seconds[row_label] = info.get("seconds")
+      etas[row_label] = info.get("step_size")
   rows = build_rows(teacher_preds, students, num_bins=config.eval.ece_bins,
                     teacher_seconds=_done_info(teacher_dir).get("seconds"),
                     student_seconds=seconds, student_step_sizes=etas)

@@ -100,6 +100,20 @@ def param_labels(params):
       lambda p, _: "fast" if is_fast_weight(p) else "default", params)
 
 
+def decay_toward(weight_decay: float,
+                 target: float) -> optax.GradientTransformation:
+  """Coupled L2 toward `target`: g + weight_decay * (p - target)."""
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("decay_toward needs the params.")
+    return jax.tree.map(lambda g, p: g + weight_decay * (p - target),
+                        updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      update)
+
+
 def make_optimizer(*, steps_per_epoch: int, total_epochs: int,
                    learning_rate: float, fast_learning_rate: float,
                    weight_decay: float, fast_weight_decay: float = 0.0,
@@ -108,24 +122,37 @@ def make_optimizer(*, steps_per_epoch: int, total_epochs: int,
                    milestones: Sequence[int] = (5, 150, 270),
                    warmup_factor: float = 0.01, final_factor: float = 0.01,
                    warmup_epochs: int = 5,
-                   granularity: str = "epoch") -> optax.GradientTransformation:
+                   granularity: str = "epoch",
+                   fast_decay_target: float = 0.0,
+                   fast_grad_scale: float = 1.0,
+                   ) -> optax.GradientTransformation:
   """SGD + coupled L2 with a separate fast-weight group.
 
   Because every transformation is elementwise, the same optimiser applied to
   M members' stacked parameters equals M independent optimisers.
+
+  The fast group's update direction is
+  fast_grad_scale * (g + fast_weight_decay * (p - fast_decay_target)):
+  (1, 0) is the NeurIPS 2021 recipe (no decay); LatentBE uses
+  fast_weight_decay = wd / M, target 1 and scale M, i.e. M g + wd (p - 1)
+  (FOLLOWUP_SPEC 1).
   """
   sched = dict(steps_per_epoch=steps_per_epoch, total_epochs=total_epochs,
                schedule=schedule, milestones=tuple(milestones),
                warmup_factor=warmup_factor, final_factor=final_factor,
                warmup_epochs=warmup_epochs, granularity=granularity)
 
-  def group(lr, wd):
-    return optax.chain(
-        optax.add_decayed_weights(wd),
-        optax.sgd(epoch_schedule(lr, **sched), momentum=momentum or None,
-                  nesterov=nesterov))
+  def group(lr, wd, target=0.0, scale=1.0):
+    parts = [optax.add_decayed_weights(wd) if target == 0.0
+             else decay_toward(wd, target)]
+    if scale != 1.0:  # Only then: the default state layout stays as it was.
+      parts.append(optax.scale(scale))
+    parts.append(optax.sgd(epoch_schedule(lr, **sched),
+                           momentum=momentum or None, nesterov=nesterov))
+    return optax.chain(*parts)
 
   return optax.multi_transform(
       {"default": group(learning_rate, weight_decay),
-       "fast": group(fast_learning_rate, fast_weight_decay)},
+       "fast": group(fast_learning_rate, fast_weight_decay, fast_decay_target,
+                     fast_grad_scale)},
       param_labels)

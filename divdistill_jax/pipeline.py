@@ -20,12 +20,16 @@ from divdistill_jax import (analysis, calibrate, configlib, distill, evaluate,
 def stage_config(config: ml_collections.ConfigDict, job: str,
                  method: str | None = None,
                  teacher_dir: str | None = None) -> ml_collections.ConfigDict:
-  """A copy of `config` for one stage of the pipeline."""
+  """A copy of `config` for one stage of the pipeline.
+
+  `method` is a `pipeline.methods` entry, METHOD or KIND:METHOD.
+  """
   stage = config.copy_and_resolve_references()
   stage.unlock()
   stage.job = job
   if method is not None:
-    stage.perturb.method = method
+    kind, stage.perturb.method = configlib.parse_student_entry(method)
+    configlib.apply_student_kind(stage, kind)
   if teacher_dir is not None:
     stage.teacher.workdir = teacher_dir
   stage.lock()
@@ -50,6 +54,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teachers.train_teachers(stage_config(config, "teachers"), teacher_dir)
   diversity_path = os.path.join(teacher_dir, "diversity.npz")
   stage = stage_config(config, "distill", teacher_dir=teacher_dir)
+  methods_only = [configlib.parse_student_entry(m)[1] for m in methods]
   saved = calibrate.load(teacher_dir)
   if not os.path.exists(diversity_path) or saved is None or saved[
       "settings"] != calibrate.settings(stage):
@@ -58,7 +63,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Always calibrated: with a fixed eta (the paper configs) the
     # diversity-matched value is logged as a diagnostic.
     record = calibrate.ensure(stage, teacher_dir, model, variables, splits,
-                              methods)
+                              methods_only)
     if config.perturb.step_size != "auto":
       logging_utils.log(f"   students use the configured step size "
                         f"{config.perturb.step_size}/255")
@@ -66,11 +71,14 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.perturb.step_size != "auto":
       etas = {}
     values = analysis.teacher_diversity(stage, model, variables, splits,
-                                        methods, step_sizes=etas)
+                                        sorted(set(methods_only)),
+                                        step_sizes=etas)
     analysis.write_teacher_diversity(diversity_path, values)
   for i, method in enumerate(methods, start=2):
-    run_dir = os.path.join(workdir, "students", method)
-    label = evaluate.student_label(method, config.student.ensemble_size)
+    run_dir = os.path.join(workdir, "students", method.replace(":", "_"))
+    student = stage_config(config, "distill", method).student
+    label = evaluate.student_label(configlib.parse_student_entry(method)[1],
+                                   student.ensemble_size, student.kind)
     logging_utils.log(f"== [{i}/{stages}] {label} -> {run_dir}")
     if _done(run_dir):
       logging_utils.log("   finished earlier: reused")

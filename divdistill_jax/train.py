@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from divdistill_jax import (checkpointing, data, fileio, logging_utils,
-                            parallel)
+from divdistill_jax import (checkpointing, configlib, data, fileio,
+                            logging_utils, parallel)
 
 PyTree = Any
 # Config fields that may change between a run and its resumption.
@@ -93,6 +93,9 @@ class Task:
   epochs: int
   images_per_step: int
   eval_epochs: frozenset[int]
+  # (selected variables, mesh) -> extra arrays for predictions.npz, written
+  # before done.json (e.g. the merged LatentBE network's predictions).
+  extra_predictions: Callable[[Any, Any], dict] | None = None
 
 
 class TrainingDiverged(RuntimeError):
@@ -144,8 +147,34 @@ def config_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _comparable(config: dict) -> dict:
-  return {k: v for k, v in config.items() if k not in _RESUMABLE_FIELDS}
+def config_differences(saved: dict, current: dict,
+                       defaults: dict | None = None,
+                       prefix: str = "") -> list[str]:
+  """Dotted fields in which two config dicts differ (resumable ones aside).
+
+  A field missing from `saved` (added to the code after that run started)
+  counts as equal when `current` holds its default value: a newer version
+  may resume an older run whose behaviour it keeps.
+  """
+  if defaults is None:
+    defaults = config_json(configlib.base_config())
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    if not prefix and key in _RESUMABLE_FIELDS:
+      continue
+    path = prefix + key
+    default = defaults.get(key) if isinstance(defaults, dict) else None
+    if key not in current:
+      out.append(path)
+    elif key not in saved:
+      if current[key] != default:
+        out.append(path)
+    elif isinstance(saved[key], dict) and isinstance(current[key], dict):
+      out += config_differences(saved[key], current[key], default or {},
+                                path + ".")
+    elif saved[key] != current[key]:
+      out.append(path)
+  return out
 
 
 @jax.jit
@@ -167,9 +196,12 @@ def _update_best(state: TrainState, accuracy: jax.Array, epoch: jax.Array):
       best_epoch=jnp.where(improved, epoch, state.best_epoch))
 
 
-def predict_split(task: Task, variables, images: np.ndarray,
+def predict_split(predict_fn, variables, images: np.ndarray,
                   mesh, batch_size: int) -> np.ndarray:
-  """Member probabilities [M, N, K] over a whole split (padded, masked)."""
+  """Member probabilities [M, N, K] over a whole split (padded, masked).
+
+  `predict_fn(variables, uint8 images [B, H, W, C]) -> [M, B, K]` (jitted).
+  """
   per_device = -(-batch_size // mesh.devices.size)
   batch_size = per_device * mesh.devices.size
   outs = []
@@ -177,7 +209,7 @@ def predict_split(task: Task, variables, images: np.ndarray,
                                  batch_size):
     local = data.process_slice(batch.images, jax.process_index(),
                                jax.process_count())
-    probs = task.predict_fn(variables, parallel.global_batch(local, mesh))
+    probs = predict_fn(variables, parallel.global_batch(local, mesh))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       probs = multihost_utils.process_allgather(probs, tiled=True)
@@ -249,13 +281,13 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
   earlier_seconds = 0.0  # Training time of the processes before a resume.
   if start is not None:
     meta = ckpt.restore_meta(start)
-    if (_comparable(meta.get("config", {})) != _comparable(cfg_json)
-        and not config.checkpoint.allow_config_change):
+    differences = config_differences(meta.get("config", {}), cfg_json)
+    if differences and not config.checkpoint.allow_config_change:
       raise ValueError(
-          f"{workdir!r} holds a run of a different config (see its "
-          "config.json). Use a new --workdir, or set "
-          "--config.checkpoint.allow_config_change=True to continue anyway."
-      )
+          f"{workdir!r} holds a run of a different config (fields "
+          f"{', '.join(differences[:6])}; see its config.json). Use a new "
+          "--workdir, or set --config.checkpoint.allow_config_change=True "
+          "to continue anyway.")
     state, _ = ckpt.restore(start, state)
     earlier_seconds = meta.get("seconds", 0.0)
     logging_utils.log(f"[{task.name}] resumed from step {start} in {workdir}")
@@ -318,7 +350,7 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
 def _validate(task, state, epoch, mesh, config, writer, val_images,
               val_labels, step):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  probs = predict_split(task, variables, val_images, mesh,
+  probs = predict_split(task.predict_fn, variables, val_images, mesh,
                         config.eval.batch_size)
   accs = member_accuracy(probs, val_labels)
   ens_acc = float((probs.mean(0).argmax(-1) == val_labels).mean())
@@ -342,9 +374,11 @@ def _finish(task, state, workdir, mesh, config, splits, seconds, extra):
   arrays = {}
   for split in ("validation", "test"):
     images, labels = splits[split]
-    arrays[f"{split}_probs"] = predict_split(task, best, images, mesh,
-                                             config.eval.batch_size)
+    arrays[f"{split}_probs"] = predict_split(task.predict_fn, best, images,
+                                             mesh, config.eval.batch_size)
     arrays[f"{split}_labels"] = labels
+  if task.extra_predictions is not None:
+    arrays.update(task.extra_predictions(best, mesh))
   summaries = {
       "steps": int(state.step),
       "seconds": seconds,

@@ -23,7 +23,7 @@ jax.config.update("jax_threefry_partitionable", True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = ("quickstart", "cifar10_resnet32", "cifar100_wrn28x10",
-                "tinyimagenet")
+                "tinyimagenet", "cifar100_wrn28x4")
 
 
 def load_config(name: str, arg: str | None = None, **overrides):

@@ -50,6 +50,28 @@ def test_cifar100_batchnorm_groups_are_the_official_gpus_by_default():
   assert (c.teacher.bn_group_size, c.student.bn_group_size) == (None, None)
 
 
+def test_followup_recipe_cifar100_wrn28x4():
+  """FOLLOWUP_SPEC 3: the ICML 2022 recipe and its three students."""
+  c = load_config("cifar100_wrn28x4", "tdiv_sdiv")
+  assert (c.model.name, c.data.name, c.job) == ("wrn28x4", "cifar100",
+                                                "distill")
+  for who in (c.teacher, c.student):
+    assert (who.batch_size, who.epochs) == (128, 200)
+    o = who.optim
+    assert (o.learning_rate, o.nesterov, o.schedule, o.warmup_epochs,
+            o.warmup_factor, o.granularity, o.weight_decay) == (
+                0.1, True, "cosine", 5, 0.0, "step", 5e-4)
+  assert (c.kd.alpha, c.kd.temperature, c.kd.clean_pass) == (1.0, 4.0, False)
+  assert (c.student.kind, c.student.ensemble_size, c.perturb.method,
+          c.perturb.step_size) == ("latentbe", 4, "tdiv_sdiv", 1.0)
+  single = load_config("cifar100_wrn28x4", "kd,single")
+  assert (single.student.ensemble_size, single.student.pairing) == (1, "mean")
+  ods = load_config("cifar100_wrn28x4", "ods,latentbe")
+  assert (ods.perturb.method, ods.student.kind) == ("ods", "latentbe")
+  pipe = load_config("cifar100_wrn28x4", "pipeline")
+  assert pipe.pipeline.methods == "single:kd,kd,tdiv_sdiv"
+
+
 def test_paper_hyperparameters_cifar10():
   c = load_config("cifar10_resnet32", "ods")
   assert (c.teacher.batch_size, c.teacher.epochs) == (512, 200)
@@ -85,6 +107,8 @@ def test_unknown_key_and_wrong_type_fail():
     ("teacher.epochs", 0, "teacher.epochs"),
     ("student.epochs", 0, "student.epochs"),
     ("pipeline.methods", "kd,foo", "pipeline.methods"),
+    ("pipeline.methods", "tiny:kd", "pipeline.methods"),
+    ("student.kind", "mimo", "student.kind"),
     ("perturb.step_size", -1.0, "perturb.step_size"),
     ("perturb.step_size", "big", "perturb.step_size"),
     ("perturb.auto_target_ratio", 0.0, "perturb.auto_target_ratio"),
@@ -95,7 +119,7 @@ def test_unknown_key_and_wrong_type_fail():
     ("student.optim.learning_rate", -0.1, "student.optim.learning_rate"),
     ("teacher.optim.weight_decay", -1e-4, "teacher.optim.weight_decay"),
     ("student.optim.momentum", 1.0, "student.optim.momentum"),
-    ("student.optim.warmup_factor", 0.0, "student.optim.warmup_factor"),
+    ("student.optim.warmup_factor", -0.1, "student.optim.warmup_factor"),
     ("teacher.optim.milestones", (5, 3, 10), "teacher.optim.milestones"),
     ("student.fast_init_std", -0.5, "student.fast_init_std"),
     ("data.train_size", 0, "data.train_size"),

@@ -151,16 +151,35 @@ def test_resume_is_exact_and_run_writes_outputs(tmp_path, monkeypatch):
   mesh = parallel.make_mesh(1)
   splits = train.load_splits(config)
   task = teachers.make_teacher_task(config, mesh, splits)
-  probs = train.predict_split(task, parallel.replicate(best, mesh),
+  probs = train.predict_split(task.predict_fn, parallel.replicate(best, mesh),
                               splits["validation"][0], mesh, 64)
   with np.load(os.path.join(straight, "predictions.npz")) as f:
     np.testing.assert_allclose(probs, f["validation_probs"], rtol=1e-4,
                                atol=1e-6)
 
-  # A workdir of another config is refused.
-  with pytest.raises(ValueError, match="different config"):
+  # A workdir of another config is refused, naming the field.
+  with pytest.raises(ValueError,
+                     match="different config.*teacher.optim.learning_rate"):
     teachers.train_teachers(_smoke(**{"teacher.optim.learning_rate": 0.3},
                                    stop_after_step=2), split)
+
+
+def test_config_differences_accept_fields_added_at_their_default():
+  current = train.config_json(_smoke())
+  older = json.loads(json.dumps(current))
+  del older["kd"]["clean_pass"]  # A run saved before the field existed.
+  del older["student"]["optim"]["fast_grad_scale"]
+  assert train.config_differences(older, current) == []
+  changed = json.loads(json.dumps(current))
+  changed["kd"]["clean_pass"] = False
+  # Missing AND not at the default (the quick start's T = 1 vs 4): differs.
+  del older["kd"]["temperature"]
+  assert train.config_differences(older, changed) == [
+      "kd.clean_pass", "kd.temperature"]
+  # Resumable fields never count.
+  changed = json.loads(json.dumps(current))
+  changed["logging"]["every_steps"] = 7
+  assert train.config_differences(current, changed) == []
 
 
 def test_nan_guard_keeps_last_good_checkpoint(tmp_path):

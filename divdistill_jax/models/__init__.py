@@ -28,6 +28,8 @@ _REGISTRY = {
     "wrn16x4": (PreActWideResNet, dict(depth=16, widen=4)),
     "wrn16x8": (PreActWideResNet, dict(depth=16, widen=8)),
     "wrn28x1": (PreActWideResNet, dict(depth=28, widen=1)),
+    # The ICML 2022 follow-up's network (FOLLOWUP_SPEC 3).
+    "wrn28x4": (PreActWideResNet, dict(depth=28, widen=4)),
     "wrn28x10": (PreActWideResNet, dict(depth=28, widen=10)),
 }
 MODEL_NAMES = tuple(_REGISTRY)
@@ -47,6 +49,7 @@ def get_model(
     dtype: str = "float32",
     bn_group_size: int | None = None,
     fast_init_std: float = 0.5,
+    bias_mode: str = "member",
 ) -> nn.Module:
   """Builds a registered network.
 
@@ -60,7 +63,10 @@ def get_model(
     std: per-channel pixel std.
     dtype: 'float32' or 'bfloat16' compute; parameters stay float32.
     bn_group_size: ghost-BN images per group (None = whole batch).
-    fast_init_std: std of the N(1, std^2) BatchEnsemble fast-weight init.
+    fast_init_std: std of the N(1, std^2) BatchEnsemble fast-weight init
+      (0 = all ones: LatentBE).
+    bias_mode: BatchEnsemble classifier bias, 'member' (NeurIPS 2021) or
+      'shared_before_s' (LatentBE); see `layers.BatchEnsembleDense`.
 
   Returns:
     A Linen module called as `model.apply(variables, x, train=...)`.
@@ -80,6 +86,7 @@ def get_model(
     be = dict(ensemble_size=ensemble_size, fast_init_std=fast_init_std,
               dtype=compute)
     conv = functools.partial(layers.BatchEnsembleConv, **be)
-    dense = functools.partial(layers.BatchEnsembleDense, **be)
+    dense = functools.partial(layers.BatchEnsembleDense, bias_mode=bias_mode,
+                              **be)
   return family(num_classes=num_classes, conv=conv, dense=dense, norm=norm,
                 mean=tuple(mean), std=tuple(std), **kwargs)

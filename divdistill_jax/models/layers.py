@@ -121,33 +121,46 @@ class BatchEnsembleConv(nn.Module):
     return y * s[:, None, None, None, :].astype(self.dtype)
 
 
-class BatchEnsembleDense(nn.Module):
-  """BatchEnsemble classifier: [M, B, F] -> [M, B, K], per-member bias.
+BIAS_MODES = ("member", "shared_before_s")
 
-  The shared bias of the plain layer is replaced by a per-member bias
-  initialised to zero (official `ensemble_bias`).
+
+class BatchEnsembleDense(nn.Module):
+  """BatchEnsemble classifier: [M, B, F] -> [M, B, K].
+
+  bias_mode 'member' (NeurIPS 2021, official `ensemble_bias`): a per-member
+  bias initialised to zero, added after s_m: s_m * (W (r_m * x)) + b_m.
+  'shared_before_s' (LatentBE, ICML 2022; FOLLOWUP_SPEC 1): one bias
+  `bias` shared by the members, added before s_m: s_m * (W (r_m * x) + b).
   """
 
   features: int
   ensemble_size: int
   fast_init_std: float = 0.5
+  bias_mode: str = "member"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     _check_members(x, self.ensemble_size, 3, "BatchEnsembleDense")
+    if self.bias_mode not in BIAS_MODES:
+      raise ValueError(f"Unknown bias_mode {self.bias_mode!r}; use one of "
+                       f"{BIAS_MODES}.")
     m, fan_in = self.ensemble_size, x.shape[-1]
     kernel = self.param("kernel", he_fan_out, (fan_in, self.features),
                         jnp.float32)
     init = normal_around_one(self.fast_init_std)
     r = self.param("fast_r", init, (m, fan_in), jnp.float32)
     s = self.param("fast_s", init, (m, self.features), jnp.float32)
-    bias = self.param("member_bias", nn.initializers.zeros,
-                      (m, self.features), jnp.float32)
     x = (x * r[:, None, :]).astype(self.dtype)
     y = jnp.einsum("mbf,fk->mbk", x, kernel.astype(self.dtype))
-    return y * s[:, None, :].astype(self.dtype) + bias[:, None, :].astype(
-        self.dtype)
+    s = s[:, None, :].astype(self.dtype)
+    if self.bias_mode == "shared_before_s":
+      bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                        jnp.float32)
+      return (y + bias.astype(self.dtype)) * s
+    bias = self.param("member_bias", nn.initializers.zeros,
+                      (m, self.features), jnp.float32)
+    return y * s + bias[:, None, :].astype(self.dtype)
 
 
 class BatchNorm(nn.Module):
