@@ -122,12 +122,18 @@ def diagnostics(config, run_dir: str, teacher_dir: str, splits: dict,
   def probs(x, key):
     def logits_fn(v, inputs):
       return teacher_model.apply(v, inputs, train=False)
+
+    def student_fn(v, inputs):  # tdiv_sdiv perturbs through the student.
+      return student.apply(v, jax.numpy.broadcast_to(
+          inputs, (m, *inputs.shape)), train=False)[0]
+
     x_pert = perturb.perturb(
         name, key, x, logits_fn, teacher_vars, step_size=step_size,
         temperature=config.kd.temperature, num_steps=config.perturb.num_steps,
         norm=config.perturb.norm,
         confidence_scaled=config.perturb.confidence_scaled,
-        strategy=config.model.ensemble_strategy)
+        strategy=config.model.ensemble_strategy, student_fn=student_fn,
+        student_variables=variables, all_pairs=config.perturb.all_pairs)
     out = []
     for inputs in (x, x_pert):
       t = jax.nn.softmax(ensemble.apply_members(
@@ -183,6 +189,13 @@ def run_cell(root: str, *, seed: int, n: int, model: str, epochs: int,
   with np.load(os.path.join(out_dir, "predictions.npz")) as f:
     row = metrics.table_row(f["validation_probs"], f["validation_labels"],
                             f["test_probs"], f["test_labels"])
+    for rule in ("sb", "b", "sb_bn"):  # LatentBE: the merged network.
+      if f"merged_{rule}_test_probs" in f.files:
+        merged = metrics.table_row(
+            f[f"merged_{rule}_validation_probs"], f["validation_labels"],
+            f[f"merged_{rule}_test_probs"], f["test_labels"])
+        row.update({f"merged_{rule}_{k}": merged[k]
+                    for k in ("acc", "nll", "ece", "cnll")})
   step = summary.get("step_size") or 0.0
   row.update(diagnostics(config, out_dir, t_dir, splits, step))
   with np.load(os.path.join(t_dir, "predictions.npz")) as f:
@@ -207,6 +220,10 @@ def run_cell(root: str, *, seed: int, n: int, model: str, epochs: int,
 # ---------------------------------------------------------------- summary
 
 SUMMARY_COLUMNS = (("acc", "ACC", 2), ("nll", "NLL", 3), ("ece", "ECE", 3),
+                   ("merged_sb_acc", "merged ACC", 2),
+                   ("merged_sb_nll", "merged NLL", 3),
+                   ("merged_b_nll", "merged NLL (bias b)", 3),
+                   ("merged_sb_bn_nll", "merged NLL (BN re-est.)", 3),
                    ("cnll", "cNLL", 3), ("kl", "member KL", 3),
                    ("train_acc", "train ACC", 1),
                    ("kl_teacher_clean", "KL(T||S) train", 3),
