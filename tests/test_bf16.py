@@ -17,9 +17,13 @@ def test_bf16_model_matches_fp32_with_fp32_state():
   fp32, bf16 = _models()
   x = jax.random.uniform(jax.random.key(0), (8, 16, 16, 3))
   variables = fp32.init(jax.random.key(1), x, train=False)
-  ref, ref_stats = fp32.apply(variables, x, train=True,
-                              mutable=["batch_stats"])
-  out, stats = bf16.apply(variables, x, train=True, mutable=["batch_stats"])
+
+  def train_apply(model):  # Jitted: eager bf16 convs are slow on CPU.
+    return jax.jit(lambda v, x: model.apply(v, x, train=True,
+                                            mutable=["batch_stats"]))
+
+  ref, ref_stats = train_apply(fp32)(variables, x)
+  out, stats = train_apply(bf16)(variables, x)
   assert out.dtype == jnp.float32  # Logits are returned in float32.
   # bf16 rounds to 8 significant bits (eps = 2^-8 = 0.0039): through 7
   # layers the logits stay within a few eps, relative to their scale; and
@@ -36,7 +40,7 @@ def test_bf16_model_matches_fp32_with_fp32_state():
                             mutable=["batch_stats"])
     return jax.nn.log_softmax(logits.astype(jnp.float32)).mean()
 
-  grads = jax.grad(loss)(variables["params"], bf16)
+  grads = jax.jit(jax.grad(lambda p: loss(p, bf16)))(variables["params"])
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
 
 
@@ -45,17 +49,18 @@ def test_bf16_batchensemble_and_ods_norm():
   x = jax.random.uniform(jax.random.key(0), (2, 4, 16, 16, 3))
   variables = be.init(jax.random.key(1), x, train=False)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
-  assert be.apply(variables, x, train=False).shape == (2, 4, 10)
+  assert jax.jit(lambda v, x: be.apply(v, x, train=False))(
+      variables, x).shape == (2, 4, 10)
 
   _, teacher = _models()
   tvars = ensemble.init_members(teacher, jax.random.key(2), 2, x[0, :1])
   # Interior pixels, so that clipping leaves the step alone.
   images = jax.random.uniform(jax.random.key(4), (4, 16, 16, 3),
                               minval=0.2, maxval=0.8)
-  out = perturb.perturb(
-      "ods", jax.random.key(3), images,
-      lambda v, z: teacher.apply(v, z, train=False), tvars, step_size=1.0,
-      temperature=1.0)
+  out = jax.jit(lambda tv, x: perturb.perturb(
+      "ods", jax.random.key(3), x,
+      lambda v, z: teacher.apply(v, z, train=False), tv, step_size=1.0,
+      temperature=1.0))(tvars, images)
   assert out.dtype == jnp.float32
   # The step is eta * sqrt(D) per example, computed in float32.
   norms = np.linalg.norm(np.asarray(out - images).reshape(4, -1), axis=1)
