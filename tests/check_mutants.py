@@ -32,7 +32,7 @@ MUTANTS = {
         "teacher_logits = ensemble.apply_members(teacher_model, teacher_vars, "
         "x,",
         ["tests/test_distill_step.py"]),
-    "the student pass for TDiv-SDiv sees the clean images' statistics": (
+    "TDiv-SDiv through the best-so-far BN statistics, not the current": (
         "divdistill_jax/distill.py",
         '      {"params": state.params, "batch_stats": '
         'state.batch_stats})',
@@ -58,7 +58,8 @@ MUTANTS = {
         "divdistill_jax/distill.py",
         "group_size=config.student.bn_group_size,",
         "group_size=None,",
-        ["tests/test_distill_step.py", "tests/test_distill.py"]),
+        ["tests/test_distill_step.py",
+         "tests/test_distill.py::test_step_spec_carries_the_config"]),
     "every teacher member on the same data order": (
         "divdistill_jax/teachers.py",
         "stream=member) for member in range(m)])",
@@ -88,13 +89,13 @@ MUTANTS = {
         ["tests/test_perturb.py"]),
     "disagreement makes every step the full eta": (
         "divdistill_jax/perturb.py",
-        "scale = step_size / 255.0 / num_steps",
-        "scale = step_size / 255.0",
+        "scale = step_size / 255.0 / num_steps\n  if confidence_scaled:",
+        "scale = step_size / 255.0\n  if confidence_scaled:",
         ["tests/test_perturb.py"]),
     "Figure-1 validation set drawn from training images": (
         "divdistill_jax/analysis.py",
-        '"validation": (splits["validation"][0][:num_examples], None)',
-        '"validation": (splits["train"][0][:num_examples], None)',
+        '"validation": (splits["validation"][0][:num_examples], None, None)',
+        '"validation": (splits["train"][0][:num_examples], None, None)',
         ["tests/test_train.py::test_figure1_sets_come_from_their_splits"]),
 }
 
