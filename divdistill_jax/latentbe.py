@@ -80,7 +80,10 @@ def check_structure(merged: PyTree, plain_model, sample: jax.Array) -> None:
   """Raises a ValueError if merged variables do not fit the plain network."""
   want = jax.eval_shape(lambda: plain_model.init(jax.random.key(0), sample,
                                                  train=False))
-  shapes = lambda t: jax.tree.map(lambda a: tuple(a.shape), dict(t))  # noqa
+
+  def shapes(tree):
+    return jax.tree.map(lambda a: tuple(a.shape), dict(tree))
+
   if shapes(merged) != shapes(want):
     raise ValueError("The merged BatchEnsemble does not match the plain "
                      "network (different architecture?).")
