@@ -66,8 +66,8 @@ def _independent_merge(variables, bias_rule):
   return {"params": params, "batch_stats": variables["batch_stats"]}
 
 
-@pytest.mark.parametrize("name", ["resnet8", "wrn10x1"])
-@pytest.mark.parametrize("bias_rule", ["sb", "b"])
+@pytest.mark.parametrize("name,bias_rule", [("resnet8", "sb"),
+                                             ("wrn10x1", "b")])
 def test_merged_network_is_the_plain_network_with_w_avg(name, bias_rule):
   be, plain = _latent_be(name)
   shape = (12, 12, 3)
