@@ -160,9 +160,9 @@ def calibrate(config: ml_collections.ConfigDict, teacher_model, teacher_vars,
   out = {"validation_kl": val_kl, "train_kl": train_kl, "target": target,
          "settings": settings(config), "methods": {}}
   for method in methods:
-    name = configlib.PERTURBATION_OF_METHOD[method]
-    if name == "none" or perturb.uses_student(name):
+    if not calibratable(method):
       continue
+    name = configlib.PERTURBATION_OF_METHOD[method]
     key = jax.random.fold_in(jax.random.key(config.seed), 17)
 
     def kl_of_eta(eta, name=name, key=key):
@@ -205,19 +205,16 @@ def ensure(config: ml_collections.ConfigDict, teacher_dir: str, teacher_model,
   recomputed. Written atomically to `teacher_dir/step_size.json`.
   """
   saved = load(teacher_dir)
-  wanted = [m for m in methods if calibratable(m)]
-  current = settings(config)
-  if saved is not None and saved["settings"] == current and all(
-      m in saved["methods"] for m in wanted):
+  if saved is not None and saved["settings"] != settings(config):
+    saved = None  # Another calibration: redo every method.
+  known = saved["methods"] if saved is not None else {}
+  missing = [m for m in methods if calibratable(m) and m not in known]
+  if saved is not None and not missing:
     return saved
   logging_utils.log(f"== diversity-matched step sizes -> "
                     f"{os.path.join(teacher_dir, FILENAME)}")
-  missing = wanted
-  if saved is not None and saved["settings"] == current:
-    missing = [m for m in wanted if m not in saved["methods"]]
   fresh = calibrate(config, teacher_model, teacher_vars, splits, missing)
-  if saved is not None and saved["settings"] == current:
-    fresh["methods"] = {**saved["methods"], **fresh["methods"]}
+  fresh["methods"] = {**known, **fresh["methods"]}
   fileio.write_json(os.path.join(teacher_dir, FILENAME), fresh, indent=2)
   return fresh
 

@@ -67,9 +67,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.perturb.step_size != "auto":
       logging_utils.log(f"   students use the configured step size "
                         f"{config.perturb.step_size}/255")
-    etas = {m: r["step_size"] for m, r in record["methods"].items()}
-    if config.perturb.step_size != "auto":
-      etas = {}
+    etas = ({m: r["step_size"] for m, r in record["methods"].items()}
+            if config.perturb.step_size == "auto" else {})
     values = analysis.teacher_diversity(stage, model, variables, splits,
                                         sorted(set(methods_only)),
                                         step_sizes=etas)
