@@ -79,3 +79,25 @@ def teacher_diversity(config: ml_collections.ConfigDict, teacher_model,
 def write_teacher_diversity(path: str, values: dict) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fileio.write_npz(path, **values)
+
+
+def step_kept(x: np.ndarray, x_pert: np.ndarray,
+              step_size: float) -> np.ndarray:
+  """Fraction of an RMS-normalised step that survives clipping to [0, 1].
+
+  ODS and the Gaussian step move every image by RMS `step_size / 255` per
+  pixel before clipping (ODS exactly, Gaussian in expectation); pixels at
+  0 or 1 (Fashion-MNIST's black background) lose the half of that step
+  which points outside the range.
+
+  Args:
+    x: [B, H, W, C] clean images in [0, 1].
+    x_pert: [B, H, W, C] the clipped perturbed images.
+    step_size: eta in 1/255 units (> 0).
+
+  Returns:
+    [B] RMS(x_pert - x) / (step_size / 255) per image.
+  """
+  diff = np.asarray(x_pert, np.float64) - np.asarray(x, np.float64)
+  rms = np.sqrt((diff.reshape(len(diff), -1) ** 2).mean(1))
+  return rms / (step_size / 255.0)

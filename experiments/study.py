@@ -23,6 +23,10 @@ Diagnostics (on the first 500 training images, T = 1):
   confidence          mean max probability of the student on test
   agreement           fraction of test images where all members agree
 
+`--clip_report` measures the clipping hypothesis: the fraction of pixels
+at 0 and 1, and how much of an ODS / Gaussian step of eta survives
+clipping (`analysis.step_kept`), on each cell's teachers.
+
 `--collect_only` writes `summary.md` (mean +- standard error over seeds for
 every cell, and the difference to KD with its standard error) and plots
 of NLL, ACC and member KL vs eta and vs budget.
@@ -38,9 +42,9 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from divdistill_jax import (augment, calibrate, checkpointing, configlib,
-                            distill, ensemble, fileio, metrics, perturb,
-                            teachers, train)
+from divdistill_jax import (analysis, augment, calibrate, checkpointing,
+                            configlib, distill, ensemble, fileio, metrics,
+                            perturb, teachers, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -58,8 +62,13 @@ flags.DEFINE_multi_string(
     "student_override", [], "KEY=VALUE set on the students' config, e.g. "
     "student.optim.learning_rate=0.1; the cells go to e<epochs>_<tag>.")
 flags.DEFINE_string("tag", "", "Names the student override in the folder.")
+flags.DEFINE_bool("clip_report", False,
+                  "Only measure how much of an ODS / Gaussian step survives "
+                  "clipping to [0, 1], on each (model, size, seed)'s "
+                  "teachers at --etas; writes clip_report.md to --out.")
 
 DIAGNOSTIC_IMAGES = 500
+BASE_MODEL, BASE_SIZE = "resnet8_w8", 500  # The quick start's cell.
 
 
 def _split(text: str) -> list[str]:
@@ -304,7 +313,10 @@ def plots(rows: list[dict], out_dir: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   keys = (("nll", "test NLL"), ("acc", "test ACC (%)"),
           ("kl", "student member KL (test)"))
-  rows = [r for r in rows if not r.get("tag")]  # Plots: the base recipe.
+  # The eta and budget plots: the base recipe (quick-start network and
+  # size, no override); the other sizes and widths are in the tables.
+  rows = [r for r in rows if not r.get("tag") and r["model"] == BASE_MODEL
+          and r["train_size"] == BASE_SIZE]
   budgets = sorted({r["epochs"] for r in rows})
   for epochs in budgets:
     sub = [r for r in rows if r["epochs"] == epochs]
@@ -352,10 +364,64 @@ def plots(rows: list[dict], out_dir: str) -> None:
     plt.close(fig)
 
 
+def clip_report(root: str, seeds, sizes, models, etas) -> str:
+  """Markdown: pixels at the range ends, and the step kept after clipping."""
+  lines = ["| model | n | seed | pixels at 0 | pixels at 1 | method | eta | "
+           "step kept (mean) | step kept (min) |",
+           "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+  for model in models:
+    for n in sizes:
+      for seed in seeds:
+        t_dir = teachers_dir(root, model, n, seed)
+        if not os.path.exists(os.path.join(t_dir, "done.json")):
+          continue
+        config = cell_config(seed=seed, train_size=n, model=model,
+                             method="ods", eta=1.0)
+        config.unlock()
+        config.teacher.workdir = t_dir
+        config.lock()
+        teacher_model, teacher_vars, _ = distill.load_teachers(config, t_dir)
+        images = train.load_splits(config)["train"][0][:DIAGNOSTIC_IMAGES]
+        x = np.asarray(augment.to_float(images))
+        calib = calibrate.load(t_dir) or {"methods": {}}
+
+        def logits_fn(v, inputs):
+          return teacher_model.apply(v, inputs, train=False)
+
+        for method in ("gaussian", "ods"):
+          for eta in etas:
+            if eta == "auto":
+              if method not in calib["methods"]:
+                continue
+              value = calib["methods"][method]["step_size"]
+            else:
+              value = float(eta)
+            x_pert = perturb.perturb(
+                method, jax.random.key(seed), x, logits_fn, teacher_vars,
+                step_size=value, temperature=config.kd.temperature)
+            kept = analysis.step_kept(x, np.asarray(x_pert), value)
+            lines.append(
+                f"| {model} | {n} | {seed} | {100 * (x == 0).mean():.1f} % | "
+                f"{100 * (x == 1).mean():.1f} % | {method} | "
+                f"{value:.2f}{' (auto)' if eta == 'auto' else ''} | "
+                f"{kept.mean():.3f} | {kept.min():.3f} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   root = FLAGS.workdir
+  if FLAGS.clip_report:
+    text = clip_report(root, list(map(int, _split(FLAGS.seeds))),
+                       list(map(int, _split(FLAGS.train_sizes))),
+                       _split(FLAGS.models), _split(FLAGS.etas))
+    print(text)
+    if FLAGS.out:
+      os.makedirs(FLAGS.out, exist_ok=True)
+      fileio.write_text(os.path.join(FLAGS.out, "clip_report.md"),
+                        text + "\n")
+    return
   if not FLAGS.collect_only:
     start = time.time()
     for seed in map(int, _split(FLAGS.seeds)):
