@@ -241,6 +241,10 @@ SUMMARY_COLUMNS = (("acc", "ACC", 2), ("nll", "NLL", 3), ("ece", "ECE", 3),
                    ("teacher_kl_pert", "T KL pert.", 3),
                    ("step_size", "eta used", 2))
 
+# Paired differences to KD (same seed, same teachers).
+PAIRED_COLUMNS = (("nll", "NLL"), ("cnll", "cNLL"), ("ece", "ECE"),
+                  ("kl", "KL"))
+
 
 def load_rows(root: str) -> list[dict]:
   rows = []
@@ -286,8 +290,10 @@ def summarise(rows: list[dict]) -> str:
               f"{_cell(*de1, 2)}, DE-4 NLL {_cell(*de4n, 3)}, DE-4 member "
               f"KL {_cell(*de4k, 3)}.", ""]
     lines.append("| method | eta | n | " + " | ".join(
-        c[1] for c in SUMMARY_COLUMNS) + " | dNLL vs KD | dKL vs KD |")
-    lines.append("|---|---|---:|" + "---:|" * (len(SUMMARY_COLUMNS) + 2))
+        c[1] for c in SUMMARY_COLUMNS) + " | " + " | ".join(
+            f"d{label} vs KD" for _, label in PAIRED_COLUMNS) + " |")
+    lines.append("|---|---|---:|" + "---:|" * (len(SUMMARY_COLUMNS)
+                                                 + len(PAIRED_COLUMNS)))
     kd = {r["seed"]: r for r in group if r["method"] == "kd"}
     cells: dict = {}
     for r in group:
@@ -299,7 +305,7 @@ def summarise(rows: list[dict]) -> str:
       for key, _, digits in SUMMARY_COLUMNS:
         out.append(_cell(*_mean_se([r.get(key) for r in rs]), digits))
       # Paired over seeds: same teachers, same data.
-      for key in ("nll", "kl"):
+      for key, _ in PAIRED_COLUMNS:
         diffs = [r[key] - kd[r["seed"]][key] for r in rs if r["seed"] in kd]
         out.append("-" if method == "kd" else _cell(*_mean_se(diffs), 3))
       lines.append("| " + " | ".join(out) + " |")

@@ -10,9 +10,9 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import study  # noqa: E402
 
 
-def _row(seed, method, nll, kl, eta="-"):
+def _row(seed, method, nll, kl, eta="-", ece=0.05):
   row = {k: 0.5 for k, _, _ in study.SUMMARY_COLUMNS}
-  row.update(seed=seed, method=method, eta=eta, nll=nll, kl=kl,
+  row.update(seed=seed, method=method, eta=eta, nll=nll, kl=kl, ece=ece,
              model="resnet8_w8", train_size=500, epochs=45, tag="",
              steps=450, de1_acc=76.0, de4_nll=0.57, de4_kl=0.35)
   return row
@@ -31,8 +31,10 @@ def test_summary_pairs_each_method_with_kd_of_the_same_seed():
   rng = np.random.default_rng(0)
   kd_nll, kd_kl = rng.uniform(0.6, 0.7, 3), rng.uniform(0.2, 0.3, 3)
   m_nll, m_kl = rng.uniform(0.6, 0.7, 3), rng.uniform(0.2, 0.3, 3)
-  rows = [_row(s, "kd", kd_nll[s], kd_kl[s]) for s in range(3)]
-  rows += [_row(s, "confods", m_nll[s], m_kl[s], "1.0") for s in range(3)]
+  kd_ece, m_ece = rng.uniform(0, 0.1, 3), rng.uniform(0, 0.1, 3)
+  rows = [_row(s, "kd", kd_nll[s], kd_kl[s], ece=kd_ece[s]) for s in range(3)]
+  rows += [_row(s, "confods", m_nll[s], m_kl[s], "1.0", m_ece[s])
+           for s in range(3)]
   # A seed without its KD row has no pair: it counts in the means only.
   rows.append(_row(7, "confods", 0.9, 0.9, "1.0"))
   cols = _columns(study.summarise(rows), "confods")
@@ -47,6 +49,7 @@ def test_summary_pairs_each_method_with_kd_of_the_same_seed():
   assert cols["member KL"] == fmt(list(m_kl) + [0.9])
   assert cols["dNLL vs KD"] == fmt(m_nll - kd_nll)
   assert cols["dKL vs KD"] == fmt(m_kl - kd_kl)
+  assert cols["dECE vs KD"] == fmt(m_ece - kd_ece)
   kd = _columns(study.summarise(rows), "kd")
   assert kd["NLL"] == fmt(kd_nll) and kd["dNLL vs KD"] == "-"
 
