@@ -320,35 +320,49 @@ def plots(rows: list[dict], out_dir: str) -> None:
   keys = (("nll", "test NLL"), ("acc", "test ACC (%)"),
           ("kl", "student member KL (test)"))
   # The eta and budget plots: the base recipe (quick-start network and
-  # size, no override); the other sizes and widths are in the tables.
-  rows = [r for r in rows if not r.get("tag") and r["model"] == BASE_MODEL
+  # size); the other sizes and widths are in the tables.
+  base = [r for r in rows if r["model"] == BASE_MODEL
           and r["train_size"] == BASE_SIZE]
-  budgets = sorted({r["epochs"] for r in rows})
-  for epochs in budgets:
-    sub = [r for r in rows if r["epochs"] == epochs]
+  for epochs, tag in sorted({(r["epochs"], r.get("tag", "")) for r in base}):
+    sub = [r for r in base if r["epochs"] == epochs
+           and r.get("tag", "") == tag]
+    kd = {r["seed"]: r for r in sub if r["method"] == "kd"}
+    if not kd or all(r["method"] == "kd" for r in sub):
+      continue
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (key, label) in zip(axes, keys):
-      kd = _mean_se([r[key] for r in sub if r["method"] == "kd"])
-      if not np.isnan(kd[0]):
-        ax.axhline(kd[0], color="k", ls="--", lw=1, label="KD")
-      for method in configlib.METHODS[1:]:
-        pts = {}
+      ax.axhline(0.0, color="k", ls="--", lw=1, label="KD")
+      for i, method in enumerate(configlib.METHODS[1:]):
+        # Paired with KD of the same seed: the seed sets of the cells differ.
+        pts: dict = {}
         for r in sub:
-          if r["method"] == method and r["eta"] != "auto":
-            pts.setdefault(float(r["eta"]), []).append(r[key])
-        if pts:
-          etas = sorted(pts)
-          ms = [_mean_se(pts[e]) for e in etas]
-          ax.errorbar(etas, [m for m, _ in ms],
-                      yerr=[0 if np.isnan(s) else s for _, s in ms],
-                      marker="o", ms=3, capsize=2, label=method)
+          if r["method"] == method and r["seed"] in kd:
+            pts.setdefault(r["eta"], []).append(
+                (r["step_size"], r[key] - kd[r["seed"]][key]))
+        color = f"C{i}"
+        for j, (eta, vals) in enumerate(sorted(pts.items())):
+          m, se = _mean_se([d for _, d in vals])
+          x = float(np.mean([e for e, _ in vals]))
+          ax.errorbar([x], [m], yerr=[0 if np.isnan(se) else se],
+                      marker="*" if eta == "auto" else "o",
+                      ms=9 if eta == "auto" else 4, capsize=2, color=color,
+                      label=method if j == 0 else None)
+        fixed = sorted((float(e), _mean_se([d for _, d in v])[0])
+                       for e, v in pts.items() if e != "auto")
+        if fixed:
+          ax.plot(*zip(*fixed), color=color, lw=1)
       ax.set_xscale("log")
-      ax.set(xlabel="eta (1/255 units)", ylabel=label)
+      ax.set(xlabel="eta (1/255 units; star = auto)",
+             ylabel=f"{label} - KD")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{epochs} student epochs (mean ± s.e. over seeds)")
+    fig.suptitle(f"{epochs} student epochs{', ' + tag if tag else ''}: "
+                 "difference to KD of the same seed (mean ± s.e.)")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, f"study_vs_eta_e{epochs}.png"), dpi=90)
+    name = f"study_vs_eta_e{epochs}{'_' + tag if tag else ''}.png"
+    fig.savefig(os.path.join(out_dir, name), dpi=90)
     plt.close(fig)
+  rows = [r for r in base if not r.get("tag")]
+  budgets = sorted({r["epochs"] for r in rows})
   if len(budgets) > 1:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (key, label) in zip(axes, keys):
