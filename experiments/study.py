@@ -48,25 +48,6 @@ from divdistill_jax import (analysis, augment, calibrate, checkpointing,
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Root of the study.")
-flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
-flags.DEFINE_string("train_sizes", "500", "Training-set sizes.")
-flags.DEFINE_string("models", "resnet8_w8", "Networks (teachers = students).")
-flags.DEFINE_string("budgets", "30", "Student epochs.")
-flags.DEFINE_string("etas", "1,4,auto", "Step sizes (1/255 units) or auto.")
-flags.DEFINE_string("methods", ",".join(configlib.PIPELINE_METHODS),
-                    "Methods.")
-flags.DEFINE_bool("collect_only", False, "Only summarise finished rows.")
-flags.DEFINE_string("out", None, "Folder for summary.md and plots.")
-flags.DEFINE_multi_string(
-    "student_override", [], "KEY=VALUE set on the students' config, e.g. "
-    "student.optim.learning_rate=0.1; the cells go to e<epochs>_<tag>.")
-flags.DEFINE_string("tag", "", "Names the student override in the folder.")
-flags.DEFINE_bool("clip_report", False,
-                  "Only measure how much of an ODS / Gaussian step survives "
-                  "clipping to [0, 1], on each (model, size, seed)'s "
-                  "teachers at --etas; writes clip_report.md to --out.")
-
 DIAGNOSTIC_IMAGES = 500
 BASE_MODEL, BASE_SIZE = "resnet8_w8", 500  # The quick start's cell.
 
@@ -469,6 +450,33 @@ def main(argv):
     plots(rows, FLAGS.out)
 
 
+def define_flags() -> None:
+  """Defines the command's flags.
+
+  Only when run as a command: importing this module (the tests do) must
+  not define a second --workdir next to divdistill_jax.main's.
+  """
+  flags.DEFINE_string("workdir", None, "Root of the study.")
+  flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
+  flags.DEFINE_string("train_sizes", "500", "Training-set sizes.")
+  flags.DEFINE_string("models", "resnet8_w8", "Networks (teachers = students).")
+  flags.DEFINE_string("budgets", "30", "Student epochs.")
+  flags.DEFINE_string("etas", "1,4,auto", "Step sizes (1/255 units) or auto.")
+  flags.DEFINE_string("methods", ",".join(configlib.PIPELINE_METHODS),
+                      "Methods.")
+  flags.DEFINE_bool("collect_only", False, "Only summarise finished rows.")
+  flags.DEFINE_string("out", None, "Folder for summary.md and plots.")
+  flags.DEFINE_multi_string(
+      "student_override", [], "KEY=VALUE set on the students' config, e.g. "
+      "student.optim.learning_rate=0.1; the cells go to e<epochs>_<tag>.")
+  flags.DEFINE_string("tag", "", "Names the student override in the folder.")
+  flags.DEFINE_bool("clip_report", False,
+                    "Only measure how much of an ODS / Gaussian step survives "
+                    "clipping to [0, 1], on each (model, size, seed)'s "
+                    "teachers at --etas; writes clip_report.md to --out.")
+
+
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flag_as_required("workdir")
   app.run(main)
