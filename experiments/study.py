@@ -222,9 +222,10 @@ SUMMARY_COLUMNS = (("acc", "ACC", 2), ("nll", "NLL", 3), ("ece", "ECE", 3),
                    ("teacher_kl_pert", "T KL pert.", 3),
                    ("step_size", "eta used", 2))
 
-# Paired differences to KD (same seed, same teachers).
+# Paired differences to KD (same seed, same teachers); a column a row
+# lacks (the merged network of a BE student) is left out of the pairs.
 PAIRED_COLUMNS = (("nll", "NLL"), ("cnll", "cNLL"), ("ece", "ECE"),
-                  ("kl", "KL"))
+                  ("kl", "KL"), ("merged_sb_nll", "merged NLL"))
 
 
 def load_rows(root: str) -> list[dict]:
@@ -287,7 +288,8 @@ def summarise(rows: list[dict]) -> str:
         out.append(_cell(*_mean_se([r.get(key) for r in rs]), digits))
       # Paired over seeds: same teachers, same data.
       for key, _ in PAIRED_COLUMNS:
-        diffs = [r[key] - kd[r["seed"]][key] for r in rs if r["seed"] in kd]
+        diffs = [r[key] - kd[r["seed"]][key] for r in rs
+                 if key in r and key in kd.get(r["seed"], {})]
         out.append("-" if method == "kd" else _cell(*_mean_se(diffs), 3))
       lines.append("| " + " | ".join(out) + " |")
     lines.append("")
@@ -378,9 +380,6 @@ def clip_report(root: str, seeds, sizes, models, etas) -> str:
           continue
         config = cell_config(seed=seed, train_size=n, model=model,
                              method="ods", eta=1.0)
-        config.unlock()
-        config.teacher.workdir = t_dir
-        config.lock()
         teacher_model, teacher_vars, _ = distill.load_teachers(config, t_dir)
         images = train.load_splits(config)["train"][0][:DIAGNOSTIC_IMAGES]
         x = np.asarray(augment.to_float(images))

@@ -11,7 +11,9 @@ import study  # noqa: E402
 
 
 def _row(seed, method, nll, kl, eta="-", ece=0.05):
-  row = {k: 0.5 for k, _, _ in study.SUMMARY_COLUMNS}
+  # A BatchEnsemble row: no merged-network columns.
+  row = {k: 0.5 for k, _, _ in study.SUMMARY_COLUMNS
+         if not k.startswith("merged_")}
   row.update(seed=seed, method=method, eta=eta, nll=nll, kl=kl, ece=ece,
              model="resnet8_w8", train_size=500, epochs=45, tag="",
              steps=450, de1_acc=76.0, de4_nll=0.57, de4_kl=0.35)
@@ -52,6 +54,14 @@ def test_summary_pairs_each_method_with_kd_of_the_same_seed():
   assert cols["dECE vs KD"] == fmt(m_ece - kd_ece)
   kd = _columns(study.summarise(rows), "kd")
   assert kd["NLL"] == fmt(kd_nll) and kd["dNLL vs KD"] == "-"
+  # BE rows have no merged network, so the paired merged NLL column
+  # pairs only seeds where both rows have one.
+  assert cols["dmerged NLL vs KD"] == "-"
+  for r, v in zip(rows[:6], [0.7, 0.6, 0.8, 0.65, 0.62, 0.9]):
+    r["merged_sb_nll"] = v
+  del rows[2]["merged_sb_nll"]  # KD of seed 2: its ConfODS row is unpaired.
+  cols = _columns(study.summarise(rows), "confods")
+  assert cols["dmerged NLL vs KD"] == fmt([0.65 - 0.7, 0.62 - 0.6])
 
 
 def test_one_seed_has_no_standard_error():
