@@ -1,4 +1,4 @@
-"""CIFAR-100, WRN-28-10: DE-4 teachers -> BE-4 students (PAPER_SPEC 6.3).
+"""CIFAR-100, WRN-28-10: DE-4 teachers -> BE-4 students.
 
 The official recipe (giung2 `C100_WRN28x10_{SGD,BE4}.yaml`): teachers 300
 epochs, batch 256, LR 0.2; students 300 epochs, batch 64 images (x4 members),
@@ -15,18 +15,18 @@ Commands (one GPU; `experiments/run_table.py` runs them all):
 or everything at once: `--config=configs/cifar100_wrn28x10.py:pipeline
 --workdir=W`.
 
-Expected (official README, single run; PAPER_SPEC 9.1 / 11.2):
+Expected (official README, single run; experiments/expected.json):
   DE-4            ACC 82.54  NLL 0.670  cNLL 0.655
   BE-4 KD         ACC 80.40  NLL 0.804  cNLL 0.750
   BE-4 KD+ODS     ACC 81.92  NLL 0.685  cNLL 0.682
   BE-4 KD+ConfODS ACC 82.25  NLL 0.670  cNLL 0.665
 
 BatchNorm as in the official 4-GPU runs (`NUM_GPUS: 4`, no SyncBN;
-PAPER_SPEC 6.7), by default: statistics per group of 64 teacher images and
-of 16 student images x 4 members, and ODS / ConfODS draw their teacher
-member and output weights per group of 16 images, as each GPU did. Variant
-`syncbn`: whole-batch statistics and one ODS draw per batch (what one large
-device would do). `ghostbn` is accepted and means the default.
+docs/SOURCES.md, Per-GPU BatchNorm), by default: statistics per group of 64
+teacher images and of 16 student images x 4 members, and ODS / ConfODS draw
+their teacher member and output weights per group of 16 images, as each GPU
+did. Variant `syncbn`: whole-batch statistics and one ODS draw per batch (what
+one large device would do). `ghostbn` is accepted and means the default.
 """
 
 from divdistill_jax import configlib

@@ -1,4 +1,5 @@
-"""CIFAR-100, WRN-28-4: the ICML 2022 follow-up's recipe (FOLLOWUP_SPEC 3).
+"""CIFAR-100, WRN-28-4: the ICML 2022 follow-up's recipe
+(docs/SOURCES.md, Follow-up recipe).
 
 Nam, Lee, Heo, Lee, "Improving Ensemble Distillation With Weight Averaging
 and Diversifying Perturbation" (code: cs-giung/distill-latentbe @442f3d3).

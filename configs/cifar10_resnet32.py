@@ -1,4 +1,4 @@
-"""CIFAR-10, ResNet-32: DE-4 teachers -> BE-4 students (PAPER_SPEC 6.3).
+"""CIFAR-10, ResNet-32: DE-4 teachers -> BE-4 students.
 
 The official legacy configs (giung2 `C10_R32_{SGD,BE4}.yaml` at 0947c97):
 teachers 200 epochs, batch 512, LR 0.4, milestones (5, 100, 180); students
@@ -13,9 +13,9 @@ Commands:
 or stage by stage with the variants teachers, kd, gaussian, ods, confods,
 disagreement (set --config.teacher.workdir=W/teachers for students).
 
-Expected: the paper's CIFAR-10 table could not be retrieved (PAPER_SPEC 9.5);
-the relational checks of PAPER_SPEC 11.3 apply (ODS/ConfODS beat KD on ACC
-and NLL; Gaussian does not).
+Expected: the paper's CIFAR-10 table could not be retrieved; the
+relational checks of `experiments/run_table.py` apply (ODS/ConfODS beat KD
+on ACC and NLL; Gaussian does not).
 """
 
 from divdistill_jax import configlib

@@ -6,11 +6,10 @@ that (as for WRN-28-10 on CIFAR-100 in the paper) the teacher members agree
 on training images and disagree on held-out ones.
 
 The students get 45 epochs (450 steps), the shortest budget at which BE-4
-KD reached one teacher's accuracy in experiments/RESULTS.md (300 steps:
-2.8 points below; their training accuracy was 86%). The pipeline runs KD
-and KD+ConfODS (the paper's method) to stay within minutes on 2 cores; add
-the others with --config.pipeline.methods=kd,gaussian,ods,confods,disagreement
-(about 2.5 more minutes each).
+KD reached one teacher's accuracy (experiments/RESULTS.md, "Findings",
+1. Budget). The pipeline runs KD and KD+ConfODS (the paper's method) to
+stay within minutes on 2 cores; add the others with
+--config.pipeline.methods=kd,gaussian,ods,confods,disagreement.
 
 Command:
   python -m divdistill_jax.main --config=configs/quickstart.py \

@@ -1,11 +1,11 @@
 """Tiny ImageNet-200 (64 px): DE-4 teachers -> BE-4 students.
 
-The paper's Tiny ImageNet architecture and recipe are NOT known to us
-(PAPER_SPEC 3.4, 6.3): only (alpha, tau) = (0.9, 1) and eta = 1/255 are. We
-choose a standard network for 64 px inputs, the pre-activation WRN-16-4
-(2.8M parameters, three stages at 64/32/16 px), and the CIFAR-100 recipe
-scaled to 200 epochs; crop padding 8 as at paper time (PAPER_SPEC 7).
-Treat its numbers as ours, not the paper's.
+The paper's Tiny ImageNet architecture and recipe are NOT known to us (neither
+the paper's text we could read nor the official code gives them): only (alpha,
+tau) = (0.9, 1) and eta = 1/255 are. We choose a standard network for 64 px
+inputs, the pre-activation WRN-16-4 (2.8M parameters, three stages at 64/32/16
+px), and the CIFAR-100 recipe scaled to 200 epochs; crop padding 8 as at paper
+time (docs/SOURCES.md, Data). Treat its numbers as ours, not the paper's.
 
 Data: the unzipped `tiny-imagenet-200` folder (train = first 90k of a fixed
 seeded order, validation = the last 10k, test = the official val set).

@@ -3,8 +3,8 @@
 Every loader returns `{"train": (images, labels), "validation": ...,
 "test": ...}` with uint8 images `[N, H, W, C]` and int32 labels `[N]`.
 Validation is carved from the END of the original training set, in the
-original file order (PAPER_SPEC 7): CIFAR 45k/5k, Tiny ImageNet 90k/10k,
-Fashion-MNIST 55k/5k.
+original file order (docs/SOURCES.md, Data): CIFAR 45k/5k, Tiny ImageNet
+90k/10k, Fashion-MNIST 55k/5k.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class DatasetInfo(NamedTuple):
   std: tuple[float, ...]
 
 
-# PAPER_SPEC 3.1 (45k / 90k training images). Fashion-MNIST: computed here on
-# the first 55k training images.
+# The official configs' values (45k / 90k training images). Fashion-MNIST:
+# computed here on the first 55k training images.
 DATASETS = {
     "fashion_mnist": DatasetInfo(10, (28, 28, 1), 5000, (0.2860,), (0.3530,)),
     "cifar10": DatasetInfo(

@@ -1,4 +1,5 @@
-"""Cross-entropy, tempered KL and the distillation objective (PAPER_SPEC 4).
+"""Cross-entropy, tempered KL and the distillation objective (docs/SOURCES.md,
+Loss).
 
 All functions take logits with a trailing class axis and return means over
 every leading (member, example) row, like PyTorch's `reduction="batchmean"`

@@ -1,4 +1,5 @@
-"""Table metrics as pure functions of predicted probabilities (PAPER_SPEC 8).
+"""Table metrics as pure functions of predicted probabilities (docs/SOURCES.md,
+Metrics).
 
 `probs` are predictive probabilities [N, K], `member_probs` are [M, N, K],
 `labels` are ints [N]. Inputs may be numpy or jax arrays; outputs are Python
@@ -181,7 +182,8 @@ def table_row(val_member_probs, val_labels, test_member_probs, test_labels,
   """Every column of the paper's table for one predictor.
 
   The predictor is the mean of its members' probabilities; the temperature
-  is fitted on validation and applied to test (PAPER_SPEC 8.5).
+  is fitted on validation and applied to test (giung2
+  `scripts/evaluation.ipynb`).
   """
   val = _member_np(val_member_probs).mean(0)
   test = _member_np(test_member_probs).mean(0)

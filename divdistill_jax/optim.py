@@ -1,9 +1,9 @@
 """Learning-rate schedules (stepped per epoch) and the SGD optimiser.
 
-Matches the official PyTorch recipe (PAPER_SPEC 6.4, 6.5): coupled L2 added
-to the gradient, heavy-ball momentum with buf_0 = g, and two parameter
-groups; BatchEnsemble fast weights (names starting with `fast_`) get their
-own LR and no weight decay.
+Matches the official PyTorch recipe (docs/SOURCES.md, Optimiser, Schedule):
+coupled L2 added to the gradient, heavy-ball momentum with buf_0 = g, and two
+parameter groups; BatchEnsemble fast weights (names starting with `fast_`) get
+their own LR and no weight decay.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import optax
 def warmup_linear_factor(epoch, milestones: Sequence[int],
                          warmup_factor: float = 0.01,
                          final_factor: float = 0.01):
-  """WarmupLinearDecay factor of a 1-indexed epoch (PAPER_SPEC 6.5).
+  """WarmupLinearDecay factor of a 1-indexed epoch (giung2).
 
   Args:
     epoch: 1-indexed epoch (int or int array).
@@ -62,10 +62,8 @@ def epoch_schedule(base_lr: float, *, steps_per_epoch: int, total_epochs: int,
       'step' evaluates the same piecewise-linear factor at the fractional
       epoch `1 + count / steps_per_epoch`, so the warm-up ramps every step.
       Why it exists: with a one-epoch warm-up, 'epoch' jumps 100x at the
-      epoch boundary, where the momentum buffer already holds about ten
-      gradients of the barely trained network; that first full-LR update
-      collapsed small BatchEnsemble students to chance (README, quick
-      start, "Warm-up").
+      epoch boundary, where the momentum buffer already holds the gradients
+      of the barely trained network (README, quick start, "Warm-up").
   """
   if granularity not in ("epoch", "step"):
     raise ValueError(
@@ -135,7 +133,7 @@ def make_optimizer(*, steps_per_epoch: int, total_epochs: int,
   fast_grad_scale * (g + fast_weight_decay * (p - fast_decay_target)):
   (1, 0) is the NeurIPS 2021 recipe (no decay); LatentBE uses
   fast_weight_decay = wd / M, target 1 and scale M, i.e. M g + wd (p - 1)
-  (FOLLOWUP_SPEC 1).
+  (docs/SOURCES.md, Follow-up: LatentBE).
   """
   sched = dict(steps_per_epoch=steps_per_epoch, total_epochs=total_epochs,
                schedule=schedule, milestones=tuple(milestones),

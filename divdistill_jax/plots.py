@@ -1,4 +1,4 @@
-"""PNG plots: reliability diagrams and diversity (PAPER_SPEC 8.7, Fig. 1)."""
+"""PNG plots: reliability diagrams and diversity (the paper's Fig. 1)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ runs `configs/<family>.py:pipeline` once per seed (W/seed<k>, skipping what
 is finished), or only collects with --collect_only. It prints one Markdown
 table with mean +- std over seeds beside the expected numbers of
 `experiments/expected.json` (source and tolerance there), marks each cell
-within tolerance, and evaluates the relational checks of PAPER_SPEC 11.3.
+within tolerance, and evaluates the relational checks (docs/SOURCES.md,
+Reference numbers).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def main(argv):
   print(f"{FLAGS.family}: {len(workdirs)} seed(s). Expected: "
         f"{expected['_source']}\n")
   print(table(results, family["rows"]))
-  print("\nRelational checks (PAPER_SPEC 11.3):")
+  print("\nRelational checks (the paper's claims):")
   print("\n".join(relational(results, expected["relational_checks"], prefix))
         or "(no student rows)")
   print(f"\nCompute estimate: {family.get('gpu_hours_estimate', '?')}")

@@ -38,7 +38,8 @@ def test_paper_hyperparameters_cifar100():
 
 def test_cifar100_batchnorm_groups_are_the_official_gpus_by_default():
   """4 GPUs without SyncBN: 64 teacher images and 16 student images (x 4
-  members) per BatchNorm group and per ODS draw (PAPER_SPEC 6.7)."""
+  members) per BatchNorm group and per ODS draw (docs/SOURCES.md, Per-GPU
+  BatchNorm)."""
   c = load_config("cifar100_wrn28x10", "confods")
   assert (c.teacher.bn_group_size, c.student.bn_group_size) == (64, 16)
   assert load_config("cifar100_wrn28x10", "ghostbn").student.bn_group_size \
@@ -51,7 +52,7 @@ def test_cifar100_batchnorm_groups_are_the_official_gpus_by_default():
 
 
 def test_followup_recipe_cifar100_wrn28x4():
-  """FOLLOWUP_SPEC 3: the ICML 2022 recipe and its three students."""
+  """The ICML 2022 recipe and its three students."""
   c = load_config("cifar100_wrn28x4", "tdiv_sdiv")
   assert (c.model.name, c.data.name, c.job) == ("wrn28x4", "cifar100",
                                                 "distill")

@@ -1,4 +1,5 @@
-"""Metrics against straightforward numpy references (PAPER_SPEC 8)."""
+"""Metrics against straightforward numpy references (docs/SOURCES.md,
+Metrics)."""
 
 import os
 
@@ -116,7 +117,7 @@ def test_temperature_fit_recovers_a_known_temperature():
 
 
 def test_deep_ensemble_equivalent():
-  curve = [0.789, 0.708, 0.673, 0.655]  # PAPER_SPEC 9.3.
+  curve = [0.789, 0.708, 0.673, 0.655]  # Official README's DE-1..4 cNLL.
   assert metrics.deep_ensemble_equivalent(0.750, curve) == pytest.approx(
       1 + (0.789 - 0.750) / (0.789 - 0.708))
   assert metrics.deep_ensemble_equivalent(0.665, curve) == pytest.approx(

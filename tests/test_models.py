@@ -1,4 +1,4 @@
-"""Models against independent computations (PAPER_SPEC 3, 11.1)."""
+"""Models against independent computations (docs/SOURCES.md, Models)."""
 
 import re
 
@@ -20,7 +20,8 @@ def _n_params(tree):
     ("resnet32", 10, 4, 464_154, 9_170),
 ])
 def test_exact_parameter_counts(name, classes, m, plain, extra):
-  """Counts from PAPER_SPEC 11.1 (eval_shape: nothing is materialised)."""
+  """Counts of the official PyTorch networks (eval_shape: nothing is
+  materialised)."""
   net = models.get_model(name, num_classes=classes)
   be = models.get_model(name, num_classes=classes, ensemble_size=m)
   p = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

@@ -1,4 +1,5 @@
-"""Schedules (PAPER_SPEC 6.5) and PyTorch-style SGD groups (6.4)."""
+"""Schedules and PyTorch-style SGD groups (docs/SOURCES.md, Optimiser,
+Schedule)."""
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,7 @@ def test_sgd_groups_match_pytorch_reference():
 
 def test_weight_decay_only_on_default_group():
   """Every non-fast parameter decays, BatchNorm scale and bias included
-  (the official coupled L2 over all slow parameters, PAPER_SPEC 6.4)."""
+  (the official coupled L2 over all slow parameters)."""
   params = {"a": {"kernel": jnp.ones(2), "fast_s": jnp.ones(2)},
             "BatchNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
             "Dense_0": {"member_bias": jnp.ones(2), "fast_r": jnp.ones(2)}}

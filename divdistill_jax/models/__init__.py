@@ -28,7 +28,7 @@ _REGISTRY = {
     "wrn16x4": (PreActWideResNet, dict(depth=16, widen=4)),
     "wrn16x8": (PreActWideResNet, dict(depth=16, widen=8)),
     "wrn28x1": (PreActWideResNet, dict(depth=28, widen=1)),
-    # The ICML 2022 follow-up's network (FOLLOWUP_SPEC 3).
+    # The ICML 2022 follow-up's network (docs/SOURCES.md, Follow-up recipe).
     "wrn28x4": (PreActWideResNet, dict(depth=28, widen=4)),
     "wrn28x10": (PreActWideResNet, dict(depth=28, widen=10)),
 }

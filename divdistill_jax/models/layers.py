@@ -4,7 +4,8 @@ Plain layers take `[..., B, H, W, C]` (convs) or `[..., B, F]` (dense).
 BatchEnsemble layers take an explicit leading member axis `[M, B, ...]`: one
 shared kernel W, and per member m an input scale `fast_r[m]` and an output
 scale `fast_s[m]`, so member m computes `((x * r_m) conv W) * s_m`, which is
-the conv with kernel `W * (r_m s_m^T)` (Wen et al. 2020; PAPER_SPEC 3.7).
+the conv with kernel `W * (r_m s_m^T)` (Wen et al. 2020; docs/SOURCES.md,
+BatchEnsemble).
 Fast-weight names start with `fast_` so the optimiser can group them.
 """
 
@@ -20,8 +21,9 @@ import numpy as np
 
 Dtype = Any
 
-# Kaiming normal, fan_out, gain sqrt(2) (PAPER_SPEC 3.5). Flax's fan_out of a
-# (kh, kw, in, out) kernel is kh * kw * out, as in PyTorch.
+# Kaiming normal, fan_out, gain sqrt(2) (docs/SOURCES.md, Initialisation).
+# Flax's fan_out of a (kh, kw, in, out) kernel is kh * kw * out, as in
+# PyTorch.
 he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
@@ -57,7 +59,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
 
 
 class Conv(nn.Module):
-  """Bias-free conv with PyTorch-style symmetric padding (PAPER_SPEC 3.2)."""
+  """Bias-free conv with PyTorch-style symmetric padding (giung2 layers)."""
 
   features: int
   kernel_size: int = 3
@@ -129,7 +131,7 @@ class BatchEnsembleDense(nn.Module):
 
   bias_mode 'member' (NeurIPS 2021, official `ensemble_bias`): a per-member
   bias initialised to zero, added after s_m: s_m * (W (r_m * x)) + b_m.
-  'shared_before_s' (LatentBE, ICML 2022; FOLLOWUP_SPEC 1): one bias
+  'shared_before_s' (LatentBE, ICML 2022; docs/SOURCES.md): one bias
   `bias` shared by the members, added before s_m: s_m * (W (r_m * x) + b).
   """
 

@@ -1,6 +1,6 @@
 """CIFAR ResNet (post-activation) and pre-activation Wide ResNet.
 
-Both follow the official giung2 code exactly (PAPER_SPEC 3.2, 3.3). Conv,
+Both follow the official giung2 code exactly (docs/SOURCES.md, Models). Conv,
 dense and norm layers are injected (`ModuleDef`s), so one definition builds
 the plain teacher (input [B, H, W, C]) and the BatchEnsemble student (input
 [M, B, H, W, C]). Images come in as floats in [0, 1]; normalisation is the
