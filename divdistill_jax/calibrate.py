@@ -16,7 +16,7 @@ once per teachers workdir to `step_size.json` and reused by every student.
 
 from __future__ import annotations
 
-import functools
+import copy
 import json
 import math
 import os
@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from divdistill_jax import (augment, configlib, ensemble, fileio,
+from divdistill_jax import (analysis, augment, ensemble, fileio,
                             logging_utils, metrics, perturb)
 
 FILENAME = "step_size.json"
@@ -85,20 +85,11 @@ def find_step_size(kl_of_eta: Callable[[float], float], target: float, *,
           "curve": {"eta": etas, "kl": [points[e] for e in etas]}}
 
 
-def _member_probs_fn(teacher_model, strategy: str):
-  @jax.jit
-  def probs(variables, x):
-    return jax.nn.softmax(ensemble.apply_members(
-        teacher_model, variables, x, strategy=strategy), -1)
-  return probs
-
-
 def teacher_kl(probs_fn, variables, images: np.ndarray,
                batch_size: int = 250) -> float:
   """Mean pairwise KL of the teachers on float images [N, H, W, C]."""
-  out = [np.asarray(probs_fn(variables, images[i:i + batch_size]))
-         for i in range(0, len(images), batch_size)]
-  return metrics.pairwise_kl(np.concatenate(out, axis=1))
+  return metrics.pairwise_kl(analysis.member_probs(probs_fn, variables,
+                                                   images, batch_size))
 
 
 def settings(config: ml_collections.ConfigDict) -> dict:
@@ -134,42 +125,27 @@ def calibrate(config: ml_collections.ConfigDict, teacher_model, teacher_vars,
     {method: find_step_size's record}}.
   """
   num_examples = num_examples or config.perturb.auto_num_examples
-  strategy = config.model.ensemble_strategy
-  probs_fn = _member_probs_fn(teacher_model, strategy)
+  probs_fn = ensemble.probs_fn(teacher_model, config.model.ensemble_strategy)
   train_x = augment.to_float(splits["train"][0][:num_examples])
   val_x = augment.to_float(splits["validation"][0][:num_examples])
   val_kl = teacher_kl(probs_fn, teacher_vars, val_x, batch_size)
   train_kl = teacher_kl(probs_fn, teacher_vars, train_x, batch_size)
   target = config.perturb.auto_target_ratio * val_kl
   group = config.student.bn_group_size
-  if group is not None and batch_size % group:
-    batch_size = group * max(1, batch_size // group)
-
-  @functools.partial(jax.jit, static_argnames="method")
-  def perturbed(variables, key, x, eta, method):
-    def logits_fn(v, inputs):
-      return teacher_model.apply(v, inputs, train=False)
-    return perturb.perturb(
-        method, key, x, logits_fn, variables, step_size=eta,
-        temperature=config.kd.temperature,
-        num_steps=config.perturb.num_steps, norm=config.perturb.norm,
-        confidence_scaled=config.perturb.confidence_scaled,
-        strategy=strategy,
-        group_size=group if len(x) % (group or 1) == 0 else None)
+  perturbed = analysis.teacher_perturbation(config, teacher_model)
 
   out = {"validation_kl": val_kl, "train_kl": train_kl, "target": target,
          "settings": settings(config), "methods": {}}
   for method in methods:
     if not calibratable(method):
       continue
-    name = configlib.PERTURBATION_OF_METHOD[method]
     key = jax.random.fold_in(jax.random.key(config.seed), 17)
 
-    def kl_of_eta(eta, name=name, key=key):
-      x = np.concatenate([np.asarray(perturbed(
-          teacher_vars, jax.random.fold_in(key, i), train_x[i:i + batch_size],
-          eta, name)) for i in range(0, len(train_x), batch_size)])
-      return teacher_kl(probs_fn, teacher_vars, x, batch_size)
+    def kl_of_eta(eta, method=method, key=key):
+      x = analysis.perturb_images(perturbed, teacher_vars, train_x, method,
+                                  eta, key, batch_size, group)
+      return teacher_kl(probs_fn, teacher_vars, x,
+                        analysis.batch_size_for_groups(batch_size, group))
 
     record = find_step_size(kl_of_eta, target)
     out["methods"][method] = record
@@ -185,8 +161,7 @@ def calibrate(config: ml_collections.ConfigDict, teacher_model, teacher_vars,
 def calibratable(method: str) -> bool:
   """Methods through the teachers alone: not KD, not the student-dependent
   tdiv_sdiv (its diversity changes as the student trains)."""
-  name = configlib.PERTURBATION_OF_METHOD[method]
-  return name != "none" and not perturb.uses_student(name)
+  return not perturb.is_identity(method) and not perturb.uses_student(method)
 
 
 def load(teacher_dir: str) -> dict | None:
@@ -219,20 +194,38 @@ def ensure(config: ml_collections.ConfigDict, teacher_dir: str, teacher_model,
   return fresh
 
 
-def resolve_step_size(config: ml_collections.ConfigDict, teacher_dir: str,
-                      teacher_model, teacher_vars, splits: dict) -> float:
-  """config.perturb.step_size, with 'auto' replaced by the calibrated eta."""
+def resolve(config: ml_collections.ConfigDict, teacher_dir: str,
+            teacher_model, teacher_vars,
+            splits: dict) -> ml_collections.ConfigDict:
+  """The config with `perturb.step_size` a number: the one place where
+  'auto' becomes the calibrated eta (computed or read from the teachers'
+  `step_size.json`).
+
+  Returns:
+    `config` itself when its step size is a number, else a locked copy
+    (plain KD gets 0.0: it has no step).
+
+  Raises:
+    ValueError: 'auto' for a method that perturbs through the student.
+  """
   step = config.perturb.step_size
-  method = config.perturb.method
   if step != "auto":
-    return float(step)
-  if configlib.PERTURBATION_OF_METHOD[method] == "none":
-    return 0.0
-  if not calibratable(method):
+    return config
+  method = config.perturb.method
+  if perturb.is_identity(method):
+    eta = 0.0
+  elif not calibratable(method):
     raise ValueError(
         f"config.perturb.step_size = 'auto' is not defined for {method!r}: "
         "it perturbs through the student, whose diversity changes during "
         "training. Give a number (the follow-up paper uses 1.0).")
-  record = ensure(config, teacher_dir, teacher_model, teacher_vars, splits,
-                  [method])
-  return float(record["methods"][method]["step_size"])
+  else:
+    record = ensure(config, teacher_dir, teacher_model, teacher_vars, splits,
+                    [method])
+    eta = float(record["methods"][method]["step_size"])
+  # deepcopy keeps the field's `object` type ('auto' -> float is allowed).
+  resolved = copy.deepcopy(config)
+  resolved.unlock()
+  resolved.perturb.step_size = eta
+  resolved.lock()
+  return resolved

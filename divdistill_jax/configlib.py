@@ -23,30 +23,28 @@ import ml_collections
 from ml_collections import config_dict
 
 JOBS = ("teachers", "distill", "evaluate", "pipeline")
+# The built-in perturbation methods, as `perturb.py` registers them ("kd" =
+# plain KD, the identity). A method registered later (`perturb.register`)
+# joins through `add_method`; this module stays free of jax.
 METHODS = ("kd", "gaussian", "ods", "confods", "disagreement", "tdiv_sdiv")
 # What `pipeline` runs by default: the NeurIPS 2021 paper's methods and ours.
 PIPELINE_METHODS = ("kd", "gaussian", "ods", "confods", "disagreement")
-# Config method name -> registered perturbation name in `perturb.py`.
-PERTURBATION_OF_METHOD = {
-    "kd": "none",
-    "gaussian": "gaussian",
-    "ods": "ods",
-    "confods": "confods",
-    "disagreement": "disagreement",
-    "tdiv_sdiv": "tdiv_sdiv",
-}
-METHOD_LABELS = {
-    "kd": "KD",
-    "gaussian": "KD+Gaussian",
-    "ods": "KD+ODS",
-    "confods": "KD+ConfODS",
-    "disagreement": "KD+Disagreement",
-    "tdiv_sdiv": "KD+TDiv-SDiv",
-}
+_ADDED_METHODS: list[str] = []
+
+
+def add_method(name: str) -> None:
+  """Makes a newly registered perturbation a valid method name."""
+  if name not in METHODS and name not in _ADDED_METHODS:
+    _ADDED_METHODS.append(name)
+
+
+def known_methods() -> tuple[str, ...]:
+  """Valid `perturb.method` names: the built-in ones, then added ones."""
+  return METHODS + tuple(_ADDED_METHODS)
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
-  """Optimiser and schedule fields (PAPER_SPEC 6.3-6.5)."""
+  """Optimiser and schedule fields (docs/SOURCES.md, Optimiser, Schedule)."""
   c = ml_collections.ConfigDict()
   c.learning_rate = 0.1  # Base LR of the default group (slow weights).
   c.fast_learning_rate = 0.05  # LR of BatchEnsemble fast weights r, s.
@@ -148,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.kd.clean_pass = True
 
   c.perturb = ml_collections.ConfigDict()
-  c.perturb.method = "kd"  # One of METHODS.
+  c.perturb.method = "kd"  # A registered method (known_methods()).
   # In 1/255 units (1.0 = the paper's eta), or 'auto': calibrated after the
   # teachers so that their diversity on perturbed training images matches
   # `auto_target_ratio` x their diversity on validation images
@@ -164,7 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   # Validation epochs: every `eval_every_epochs` and the last one; with
   # 'official' also epoch 1 and each of the last `eval_final_epochs`
-  # (PAPER_SPEC 6.6).
+  # (docs/SOURCES.md, Validation).
   c.eval.schedule = "every"
   c.eval.batch_size = 500
   c.eval.ece_bins = 15
@@ -196,9 +194,14 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_variants(arg: str | None) -> list[str]:
-  """Splits 'confods,smoke' into ['confods', 'smoke']."""
-  return [v.strip() for v in (arg or "").split(",") if v.strip()]
+def split_list(text: str | None) -> list[str]:
+  """'confods, smoke' -> ['confods', 'smoke'] (empty items dropped)."""
+  return [v.strip() for v in (text or "").split(",") if v.strip()]
+
+
+def pipeline_entries(config: ml_collections.ConfigDict) -> list[str]:
+  """The `pipeline.methods` entries, METHOD or KIND:METHOD, in order."""
+  return split_list(config.pipeline.methods)
 
 
 def apply_variants(
@@ -221,10 +224,10 @@ def apply_variants(
     ValueError: for an unknown variant.
   """
   extra = extra or {}
-  for variant in parse_variants(arg):
+  for variant in split_list(arg):
     if variant == "teachers":
       config.job = "teachers"
-    elif variant in METHODS:
+    elif variant in known_methods():
       config.job = "distill"
       config.perturb.method = variant
     elif variant in ("pipeline", "evaluate"):
@@ -236,7 +239,8 @@ def apply_variants(
     elif variant in extra:
       extra[variant](config)
     else:
-      known = ("teachers", *METHODS, "pipeline", "evaluate", "smoke", *extra)
+      known = ("teachers", *known_methods(), "pipeline", "evaluate", "smoke",
+               *extra)
       raise ValueError(
           f"Unknown config variant {variant!r}; expected any of "
           f"{sorted(set(known))}."
@@ -248,7 +252,6 @@ def apply_variants(
 
 _CHOICES = {
     "job": JOBS,
-    "perturb.method": METHODS,
     "perturb.norm": ("l2", "linf"),
     "student.pairing": ("member", "mean"),
     "student.kind": ("batchensemble", "latentbe"),
@@ -274,7 +277,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: naming the field, the bad value and what is allowed.
   """
-  for field, choices in _CHOICES.items():
+  all_choices = {**_CHOICES, "perturb.method": known_methods()}
+  for field, choices in all_choices.items():
     value = _get(config, field)
     if value not in choices:
       raise ValueError(
@@ -344,13 +348,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.kd.temperature must be > 0, got {config.kd.temperature}."
     )
-  for entry in parse_variants(config.pipeline.methods):
+  for entry in pipeline_entries(config):
     kind, method = parse_student_entry(entry)
-    if method not in METHODS or kind not in STUDENT_KINDS:
+    if method not in known_methods() or kind not in STUDENT_KINDS:
       raise ValueError(
           f"config.pipeline.methods has unknown entry {entry!r}; expected "
           f"comma-separated METHOD or KIND:METHOD with METHOD in "
-          f"{list(METHODS)} and KIND in {list(STUDENT_KINDS)}.")
+          f"{list(known_methods())} and KIND in {list(STUDENT_KINDS)}.")
 
 
 # Student kinds a pipeline entry may name: 'be' (BatchEnsemble), 'latentbe',

@@ -98,6 +98,29 @@ def apply_members(model: nn.Module, variables: PyTree, x: jax.Array, *,
                      x, strategy=strategy)
 
 
+def member_fn(model: nn.Module) -> Callable[[PyTree, jax.Array], jax.Array]:
+  """`(one member's variables, x [B, H, W, C]) -> logits [B, K]`, eval mode.
+
+  The form a perturbation takes its teachers in (perturb.Context).
+  """
+  def logits(variables, x):
+    return model.apply(variables, x, train=False)
+  return logits
+
+
+def probs_fn(model: nn.Module, strategy: str = "vmap"):
+  """Jitted eval-mode member probabilities of float images.
+
+  Returns:
+    `(stacked variables, x float [B, H, W, C]) -> probs [M, B, K]`.
+  """
+  @jax.jit
+  def probs(variables, x):
+    return jax.nn.softmax(apply_members(model, variables, x,
+                                        strategy=strategy), -1)
+  return probs
+
+
 def mean_probs(logits: jax.Array) -> jax.Array:
   """Ensemble predictive: mean over members of softmax, [M, B, K] -> [B, K]."""
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).mean(0)

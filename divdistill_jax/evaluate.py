@@ -15,7 +15,7 @@ import os
 import ml_collections
 import numpy as np
 
-from divdistill_jax import configlib, fileio, metrics
+from divdistill_jax import configlib, fileio, metrics, perturb
 
 COLUMNS = (("acc", "ACC", 2), ("nll", "NLL", 3), ("bs", "BS", 3),
            ("ece", "ECE", 3), ("cnll", "cNLL", 3), ("cbs", "cBS", 3),
@@ -56,7 +56,11 @@ def student_label(method: str, ensemble_size: int,
     prefix = f"LatentBE-{ensemble_size}"
   else:
     prefix = f"BE-{ensemble_size}"
-  return f"{prefix} {configlib.METHOD_LABELS.get(method, method)}"
+  # A method registered in another process (a user's module) gets the
+  # registry's default label.
+  name = (perturb.label(method) if method in perturb.methods()
+          else f"KD+{method}")
+  return f"{prefix} {name}"
 
 
 def merged_label(label: str, rule: str) -> str:
@@ -157,7 +161,7 @@ def discover_students(workdir: str,
     return []
   found = {name: os.path.join(root, name) for name in os.listdir(root)
            if os.path.exists(os.path.join(root, name, "predictions.npz"))}
-  preferred = list(order or []) + list(configlib.METHODS)
+  preferred = list(order or []) + list(configlib.known_methods())
   order = list(dict.fromkeys(m for m in preferred if m in found))
   order += sorted(set(found) - set(order))
   return [(_done_info(found[name]).get("method", name), found[name])
@@ -167,7 +171,8 @@ def discover_students(workdir: str,
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Builds, prints and writes the table of a pipeline workdir.
 
-  Writes `results.json` (DESIGN.md 7), `results.md` and `plots/*.png`.
+  Writes `results.json` (rows as in the README's "Workdir layout"), `results.md`
+  and `plots/*.png`.
 
   Returns:
     The results dict.
@@ -175,7 +180,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   teacher_dir = os.path.join(workdir, "teachers")
   teacher_preds = load_predictions(teacher_dir)
   students, seconds, etas = [], {}, {}
-  entries = configlib.parse_variants(config.pipeline.methods)
+  entries = configlib.pipeline_entries(config)
   for method, run_dir in discover_students(
       workdir, [e.replace(":", "_") for e in entries]):
     preds = load_predictions(run_dir)

@@ -4,9 +4,9 @@ A BatchEnsemble member m computes, in every conv and dense layer,
 s_m * (W (r_m * x)), i.e. the layer with weight W * outer(r_m, s_m). After
 training, the members are averaged in weight space: every layer gets
 W_avg = W * outer(mean_m r_m, mean_m s_m) (the product of the averaged
-factors, as the authors' code does; FOLLOWUP_SPEC 1), BatchNorm keeps its
-(shared) parameters and running statistics, and the result is ONE plain
-network: the inference cost of a single member.
+factors, as the authors' code cs-giung/distill-latentbe does), BatchNorm
+keeps its (shared) parameters and running statistics, and the result is
+ONE plain network: the inference cost of a single member.
 
 The classifier bias is the spec's open question: the authors' notebook keeps
 b ('b'), their validation step uses mean_m s_m * b ('sb'). Only 'sb' merges a
@@ -20,8 +20,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from divdistill_jax import augment, parallel, runtime
 from divdistill_jax.models import layers
 
 PyTree = Any
@@ -126,3 +128,63 @@ def reestimate_batch_stats(plain_model, variables: PyTree, images: np.ndarray,
     count += len(x)
   return {"params": variables["params"],
           "batch_stats": jax.tree.map(lambda a: a / count, total)}
+
+
+def optimizer_fields(fields: dict, ensemble_size: int) -> dict:
+  """LatentBE's fast group, from the student's optimiser fields.
+
+  One LR for every parameter; the fast weights are decayed toward 1 with
+  wd / M and their gradients are scaled by M, so their update direction is
+  M g + wd (p - 1) (the authors' training script in
+  cs-giung/distill-latentbe).
+
+  Args:
+    fields: `config.student.optim` as a dict.
+    ensemble_size: M.
+
+  Returns:
+    A new dict for `optim.make_optimizer`.
+  """
+  return {**fields, "fast_learning_rate": fields["learning_rate"],
+          "fast_weight_decay": fields["weight_decay"] / ensemble_size,
+          "fast_decay_target": 1.0,
+          "fast_grad_scale": float(ensemble_size)}
+
+
+def merged_predictions(config: ml_collections.ConfigDict, plain_model,
+                       variables, mesh, *, splits: dict) -> dict:
+  """Predictions of the merged LatentBE network: one plain network.
+
+  Args:
+    config: the student's config (eval batch size, BN re-estimation).
+    plain_model: the plain network the students merge into.
+    variables: the selected BatchEnsemble variables.
+    mesh: the device mesh.
+    splits: the data splits (uint8 images).
+
+  Returns:
+    Arrays `merged_<rule>_{validation,test}_probs` [1, N, K] for the bias
+    rules 'sb' and 'b', and `merged_sb_bn_*` when
+    `student.merge_bn_reestimate` (statistics re-estimated on the training
+    images).
+  """
+  @jax.jit
+  def predict(v, images):
+    logits = plain_model.apply(v, augment.to_float(images), train=False)
+    return jax.nn.softmax(logits, -1)[None]
+
+  variables = jax.device_get(variables)
+  sample = jnp.zeros((1, *splits["train"][0].shape[1:]), jnp.float32)
+  merged = {rule: merge(variables, rule) for rule in BIAS_RULES}
+  check_structure(merged["sb"], plain_model, sample)
+  if config.student.merge_bn_reestimate:
+    merged["sb_bn"] = reestimate_batch_stats(
+        plain_model, merged["sb"], augment.to_float(splits["train"][0]),
+        config.eval.batch_size)
+  out = {}
+  for name, v in merged.items():
+    v = parallel.replicate(v, mesh)
+    for split in ("validation", "test"):
+      out[f"merged_{name}_{split}_probs"] = runtime.predict_split(
+          predict, v, splits[split][0], mesh, config.eval.batch_size)
+  return out

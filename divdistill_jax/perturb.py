@@ -3,24 +3,25 @@
 All work in [0, 1] pixel space (the model normalises internally) and clip to
 [0, 1]. `step_size` is in 1/255 units, so 1.0 is the paper's eta = 1/255.
 
-  none          x unchanged (plain KD).
-  gaussian      x + eta * N(0, I)                         (PAPER_SPEC 5.1)
+  kd            x unchanged (plain KD; 'none' is accepted too).
+  gaussian      x + eta * N(0, I)                         (SOURCES.md)
   ods           one random teacher member m per batch; w ~ U(-1, 1)^K per
                 example; x + eta * sqrt(D) * d / |d|_2 with
-                d = grad_x <w, softmax(f_m(x) / T)>       (PAPER_SPEC 5.2)
+                d = grad_x <w, softmax(f_m(x) / T)>       (SOURCES.md)
   confods       ods with each example's step scaled by max_k softmax(f_m(x)/T)
-                                                          (PAPER_SPEC 5.3)
+                                                          (SOURCES.md)
   disagreement  ours: `num_steps` ascent steps of total size eta on the
                 teachers' mutual disagreement mean_m KL(p_m || p_bar) at
                 temperature T, through all members, normalised like ODS.
   tdiv_sdiv     Nam et al. (ICML 2022): ascend the divergence of a random
                 teacher pair minus that of the same student pair (needs the
-                student; FOLLOWUP_SPEC 2).
+                student; SOURCES.md).
 
-Every method is registered under its name with one signature,
-`fn(key, x, Context, Options) -> x'`; `apply` runs one by name and
-`perturb` is the keyword form. A new method is one function and
-`@register(name)`.
+Every method is registered under its config name with one signature,
+`fn(key, x, Context, Options) -> x'`, its table label and what it needs;
+`apply` runs one by name and `perturb` is the keyword form. A new method
+is one function and `@register(name)`: it is then a valid
+`config.perturb.method` and pipeline entry, with a table row.
 
 `norm='linf'` replaces the L2-normalised direction by sign(d) (every pixel
 moves by exactly eta).
@@ -35,11 +36,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from divdistill_jax import ensemble
+from divdistill_jax import configlib, ensemble
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
 StudentFn = Callable[[PyTree, jax.Array], jax.Array]
+
+
+def to_pixels(step_size):
+  """A step size in 1/255 units -> pixel units in [0, 1] (eta / 255)."""
+  return step_size / 255.0
 
 
 def normalised_direction(grad: jax.Array, norm: str = "l2") -> jax.Array:
@@ -65,7 +71,7 @@ def normalised_direction(grad: jax.Array, norm: str = "l2") -> jax.Array:
 def gaussian(key: jax.Array, x: jax.Array, *, step_size: float) -> jax.Array:
   """x + (step_size / 255) * N(0, I), clipped to [0, 1]."""
   noise = jax.random.normal(key, x.shape, x.dtype)
-  return jnp.clip(x + step_size / 255.0 * noise, 0.0, 1.0)
+  return jnp.clip(x + to_pixels(step_size) * noise, 0.0, 1.0)
 
 
 def ods(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
@@ -97,7 +103,7 @@ def ods(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
     keys = jax.random.split(key, groups)
     # A loop, not vmap: each group's member is a traced index, and vmap
     # over gathered member parameters turns every conv into a batched-kernel
-    # conv (20x slower on XLA:CPU, ensemble.py).
+    # conv, which XLA:CPU runs slowly (experiments/BENCHMARKS.md).
     return jnp.concatenate([
         ods(keys[g], x[g * group_size:(g + 1) * group_size], logits_fn,
             teacher_params, step_size=step_size, temperature=temperature,
@@ -115,7 +121,7 @@ def ods(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
   probs, vjp = jax.vjp(probs_fn, x)
   w = jax.random.uniform(w_key, probs.shape, jnp.float32, -1.0, 1.0)
   (grad,) = vjp(w)
-  step = step_size / 255.0 * normalised_direction(grad, norm)
+  step = to_pixels(step_size) * normalised_direction(grad, norm)
   if confidence_scaled:
     step = step * probs.max(-1).reshape((-1,) + (1,) * (x.ndim - 1))
   return jax.lax.stop_gradient(jnp.clip(x + step, 0.0, 1.0))
@@ -162,13 +168,13 @@ def disagreement(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
     logits = all_logits(inputs)
     return mutual_information(logits, temperature).sum(), logits
 
-  scale = step_size / 255.0 / num_steps
+  scale = to_pixels(step_size) / num_steps
   if confidence_scaled:
     p_bar = jax.nn.softmax(all_logits(x) / temperature, -1).mean(0)
     scale = scale * p_bar.max(-1).reshape((-1,) + (1,) * (x.ndim - 1))
 
-  # A Python loop: num_steps is small and static, and unrolled steps
-  # compiled 2x faster per step than a fori_loop on CPU (benchmark.py).
+  # A Python loop: num_steps is small and static, and unrolled steps run
+  # faster than a fori_loop on CPU (experiments/BENCHMARKS.md).
   out = x
   for _ in range(num_steps):
     grad, _ = jax.grad(objective, has_aux=True)(out)
@@ -188,11 +194,11 @@ def tdiv_sdiv(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
 
     L(x) = CE(sg(p^T_j), p^T_i) - CE(sg(p^S_j), p^S_i),
 
-  with CE(q, p) = -sum_k q_k log p_k at temperature 1, teachers and student
-  in eval mode (FOLLOWUP_SPEC 2). `num_steps` ascent steps of step_size /
-  num_steps each (1/255 units, RMS per pixel; official: one step of 1)
-  along the normalised gradient, clipped to [0, 1]: the teachers are pushed
-  apart and the student members together. With `all_pairs` the objective
+  with CE(q, p) = -sum_k q_k log p_k at temperature 1, teachers and student in
+  eval mode (docs/SOURCES.md, Follow-up: TDiv-SDiv). `num_steps` ascent steps
+  of step_size / num_steps each (1/255 units, RMS per pixel; official: one step
+  of 1) along the normalised gradient, clipped to [0, 1]: the teachers are
+  pushed apart and the student members together. With `all_pairs` the objective
   is the mean over every ordered pair i != j (our variant).
 
   Args:
@@ -249,7 +255,7 @@ def tdiv_sdiv(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
     # A sum over examples: each example's gradient is its own objective's.
     return per_example.sum()
 
-  scale = step_size / 255.0 / num_steps
+  scale = to_pixels(step_size) / num_steps
   out = x
   for _ in range(num_steps):
     grad = jax.grad(objective)(out)
@@ -309,24 +315,49 @@ Method = Callable[[jax.Array, jax.Array, Context, Options], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Registered:
+  """A registered perturbation and what the rest of the code asks of it.
+
+  Attributes:
+    fn: `fn(key, x, context, options) -> x'`.
+    label: the table's row suffix ('KD+ODS').
+    uses_student: it looks through the current student (its Context needs
+      `student_fn`); such a method cannot be calibrated on the teachers
+      alone.
+    identity: x' = x (plain KD): the student step runs one pass on the
+      clean images.
+  """
+
   fn: Method
-  uses_student: bool
+  label: str
+  uses_student: bool = False
+  identity: bool = False
 
 
 _REGISTRY: dict[str, Registered] = {}
+# The public keyword form's older name for plain KD.
+_ALIASES = {"none": "kd"}
 
 
-def register(name: str, *, uses_student: bool = False):
-  """Decorator: `fn(key, x, context, options) -> x_perturbed` as `name`."""
+def register(name: str, *, label: str | None = None,
+             uses_student: bool = False, identity: bool = False):
+  """Decorator: `fn(key, x, context, options) -> x_perturbed` as `name`.
+
+  The name becomes a valid `config.perturb.method` and pipeline entry, and
+  the table labels its rows `label` (default 'KD+<name>'). Nothing else
+  needs an edit.
+  """
   def wrap(fn: Method) -> Method:
-    if name in _REGISTRY:
+    if name in _REGISTRY or name in _ALIASES:
       raise ValueError(f"Perturbation {name!r} is already registered.")
-    _REGISTRY[name] = Registered(fn, uses_student)
+    _REGISTRY[name] = Registered(fn, label or f"KD+{name}", uses_student,
+                                 identity)
+    configlib.add_method(name)
     return fn
   return wrap
 
 
 def methods() -> tuple[str, ...]:
+  """Every registered method name, built-in ones first."""
   return tuple(_REGISTRY)
 
 
@@ -335,33 +366,44 @@ def uses_student(method: str) -> bool:
   return _lookup(method).uses_student
 
 
+def is_identity(method: str) -> bool:
+  """True for plain KD: the method leaves the images unchanged."""
+  return _lookup(method).identity
+
+
+def label(method: str) -> str:
+  """The table's name of a method ('KD', 'KD+ConfODS')."""
+  return _lookup(method).label
+
+
 def _lookup(method: str) -> Registered:
+  method = _ALIASES.get(method, method)
   if method not in _REGISTRY:
     raise ValueError(
         f"Unknown perturbation {method!r}; use one of {methods()}.")
   return _REGISTRY[method]
 
 
-register("none")(lambda key, x, ctx, o: x)
-register("gaussian")(
+register("kd", label="KD", identity=True)(lambda key, x, ctx, o: x)
+register("gaussian", label="KD+Gaussian")(
     lambda key, x, ctx, o: gaussian(key, x, step_size=o.step_size))
 
 
-@register("ods")
+@register("ods", label="KD+ODS")
 def _ods(key, x, ctx: Context, o: Options):
   return ods(key, x, ctx.teacher_fn, ctx.teacher_params,
              step_size=o.step_size, temperature=o.temperature, norm=o.norm,
              group_size=o.group_size)
 
 
-@register("confods")
+@register("confods", label="KD+ConfODS")
 def _confods(key, x, ctx: Context, o: Options):
   return ods(key, x, ctx.teacher_fn, ctx.teacher_params,
              step_size=o.step_size, temperature=o.temperature, norm=o.norm,
              confidence_scaled=True, group_size=o.group_size)
 
 
-@register("disagreement")
+@register("disagreement", label="KD+Disagreement")
 def _disagreement(key, x, ctx: Context, o: Options):
   return disagreement(key, x, ctx.teacher_fn, ctx.teacher_params,
                       step_size=o.step_size, temperature=o.temperature,
@@ -370,7 +412,7 @@ def _disagreement(key, x, ctx: Context, o: Options):
                       strategy=o.strategy)
 
 
-@register("tdiv_sdiv", uses_student=True)
+@register("tdiv_sdiv", label="KD+TDiv-SDiv", uses_student=True)
 def _tdiv_sdiv(key, x, ctx: Context, o: Options):
   if ctx.student_fn is None:
     raise ValueError("tdiv_sdiv needs the student: give the Context a "
@@ -398,8 +440,8 @@ def perturb(method: str, key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
   """Runs perturbation `method` (see the module docstring and `apply`).
 
   Args:
-    method: a registered name: 'none', 'gaussian', 'ods', 'confods',
-      'disagreement', 'tdiv_sdiv'.
+    method: a registered name: 'kd' (or 'none'), 'gaussian', 'ods',
+      'confods', 'disagreement', 'tdiv_sdiv'.
     key: PRNG key.
     x: [B, H, W, C] images in [0, 1].
     logits_fn: `(member_params, x) -> [B, K]` applying ONE teacher.

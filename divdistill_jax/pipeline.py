@@ -14,7 +14,7 @@ import time
 import ml_collections
 
 from divdistill_jax import (analysis, calibrate, configlib, distill, evaluate,
-                            logging_utils, teachers, train)
+                            logging_utils, runtime, teachers)
 
 
 def stage_config(config: ml_collections.ConfigDict, job: str,
@@ -42,7 +42,7 @@ def _done(run_dir: str) -> bool:
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or finishes) the whole pipeline and returns the results dict."""
-  methods = configlib.parse_variants(config.pipeline.methods)
+  methods = configlib.pipeline_entries(config)
   teacher_dir = os.path.join(workdir, "teachers")
   stages = len(methods) + 2
   t0 = time.time()
@@ -58,17 +58,18 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   saved = calibrate.load(teacher_dir)
   if not os.path.exists(diversity_path) or saved is None or saved[
       "settings"] != calibrate.settings(stage):
-    model, variables, _ = distill.load_teachers(stage, teacher_dir)
-    splits = train.load_splits(stage)
+    model, variables, _ = teachers.load_teachers(stage, teacher_dir)
+    splits = runtime.load_splits(stage)
     # Always calibrated: with a fixed eta (the paper configs) the
     # diversity-matched value is logged as a diagnostic.
     record = calibrate.ensure(stage, teacher_dir, model, variables, splits,
                               methods_only)
-    if config.perturb.step_size != "auto":
+    if config.perturb.step_size == "auto":
+      etas = {m: r["step_size"] for m, r in record["methods"].items()}
+    else:
+      etas = {}
       logging_utils.log(f"   students use the configured step size "
                         f"{config.perturb.step_size}/255")
-    etas = ({m: r["step_size"] for m, r in record["methods"].items()}
-            if config.perturb.step_size == "auto" else {})
     values = analysis.teacher_diversity(stage, model, variables, splits,
                                         sorted(set(methods_only)),
                                         step_sizes=etas)

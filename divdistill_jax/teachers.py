@@ -3,13 +3,16 @@
 Every member has its own initialisation key and its own data order (stream
 m of the batch sampler), and the loss is the SUM of the members' mean CE
 losses, so each member's gradient is exactly that of an independent run
-(PAPER_SPEC 3.6, 6.1). Parameters, BN statistics and optimiser state are
-stacked on a leading member axis.
+(docs/SOURCES.md, "Teachers"). Parameters, BN statistics and optimiser
+state are stacked on a leading member axis. `load_teachers` reads a
+finished teachers workdir for the students.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +20,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from divdistill_jax import augment, data, ensemble, losses, models, optim
-from divdistill_jax import parallel, train
+from divdistill_jax import (augment, checkpointing, data, ensemble, losses,
+                            models, optim, parallel, runtime, train)
+
+
+class TeacherError(ValueError):
+  """A teachers workdir that is missing or does not fit the student."""
 
 
 def build_teacher_model(config: ml_collections.ConfigDict):
@@ -113,12 +120,10 @@ def make_teacher_task(config: ml_collections.ConfigDict, mesh,
     return (parallel.global_batch(train_images[local], mesh, axis=1),
             parallel.global_batch(train_labels[local], mesh, axis=1))
 
-  @jax.jit
+  probs = ensemble.probs_fn(model, strategy)
+
   def predict(variables, images):
-    logits = ensemble.apply_members(model, variables,
-                                    augment.to_float(images),
-                                    strategy=strategy)
-    return jax.nn.softmax(logits, axis=-1)
+    return probs(variables, augment.to_float(images))
 
   return train.Task(
       name="teachers", state=state, train_step=step, batch_fn=batch_fn,
@@ -137,9 +142,67 @@ def train_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The loop's summaries; the selected teacher set is in `workdir/best`,
     member probabilities in `workdir/predictions.npz`.
   """
-  train.setup_runtime(config)
+  runtime.setup_runtime(config)
   mesh = parallel.make_mesh(config.parallel.num_devices)
-  splits = train.load_splits(config)
+  splits = runtime.load_splits(config)
   task = make_teacher_task(config, mesh, splits)
   return train.run(task, workdir=workdir, config=config, mesh=mesh,
                    splits=splits)
+
+
+def load_teachers(config: ml_collections.ConfigDict, teacher_dir: str | None):
+  """Loads a finished teachers workdir and checks it fits this config.
+
+  Returns:
+    (teacher model, stacked teacher variables, the teachers' config dict).
+
+  Raises:
+    TeacherError: missing directory / checkpoint, or a dataset, class-count,
+      ensemble-size or architecture mismatch.
+  """
+  if not teacher_dir:
+    raise TeacherError(
+        "No teachers workdir: set --config.teacher.workdir=DIR to the "
+        "--workdir of a finished `teachers` job.")
+  cfg_path = os.path.join(teacher_dir, "config.json")
+  best = os.path.join(teacher_dir, "best")
+  if not os.path.exists(cfg_path) or not os.path.isdir(best):
+    raise TeacherError(
+        f"No finished teachers run in {teacher_dir!r} (need config.json and "
+        "best/). Run the `teachers` job with that --workdir first.")
+  with open(cfg_path) as f:
+    run_config = json.load(f)
+  if run_config["data"]["name"] != config.data.name:
+    raise TeacherError(
+        f"Teachers in {teacher_dir!r} were trained on "
+        f"{run_config['data']['name']!r}, the student config uses "
+        f"{config.data.name!r}.")
+  m_t = run_config["teacher"]["ensemble_size"]
+  m_s = config.student.ensemble_size
+  if config.student.pairing == "member" and m_t != m_s:
+    raise TeacherError(
+        f"Ensemble size mismatch: {m_t} teachers in {teacher_dir!r} but "
+        f"student.ensemble_size={m_s}. Member pairing needs equal sizes; set "
+        f"--config.student.ensemble_size={m_t} or "
+        "--config.student.pairing=mean.")
+  info = data.dataset_info(config.data.name)
+  model = models.get_model(
+      run_config["model"]["name"], num_classes=info.num_classes,
+      mean=info.mean, std=info.std, dtype=config.model.dtype)
+  sample = jnp.zeros((1, *info.image_shape), jnp.float32)
+  target = jax.eval_shape(
+      lambda: ensemble.init_members(model, jax.random.key(0), m_t, sample))
+  try:
+    variables = checkpointing.load_variables(best)
+  except Exception as e:  # pylint: disable=broad-except
+    raise TeacherError(
+        f"Could not read the teacher checkpoint {best!r} ({e}). It may be "
+        "corrupted: retrain the teachers.") from e
+  expected = jax.tree.map(lambda s: s.shape, target)
+  found = jax.tree.map(lambda a: a.shape, variables)
+  if expected != found:
+    raise TeacherError(
+        f"The teacher checkpoint {best!r} does not match "
+        f"{run_config['model']['name']} x{m_t} with {info.num_classes} "
+        "classes (different architecture, class count or a corrupted save).")
+  return model, variables, run_config

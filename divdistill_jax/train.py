@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from divdistill_jax import (checkpointing, configlib, data, fileio,
-                            logging_utils, parallel)
+from divdistill_jax import (checkpointing, configlib, fileio, logging_utils,
+                            runtime)
 
 PyTree = Any
 # Config fields that may change between a run and its resumption.
@@ -75,8 +75,8 @@ class Task:
     predict_fn: jitted `(variables, uint8 images [B, H, W, C]) -> probs
       [M, B, K]` in eval mode.
     selection: 'member' (each member keeps its own best, teachers) or
-      'mean' (the mean member accuracy selects the whole model, PAPER_SPEC
-      6.6).
+      'mean' (the mean member accuracy selects the whole model, as the
+      official student script does; docs/SOURCES.md, "Validation").
     steps_per_epoch: full batches per epoch.
     epochs: number of epochs.
     images_per_step: for the throughput display.
@@ -110,37 +110,14 @@ class Preempted(RuntimeError):
     self.signum = signum
 
 
-def setup_runtime(config: ml_collections.ConfigDict) -> None:
-  """Process-wide JAX settings: distributed init, RNG, compilation cache."""
-  p = config.parallel
-  parallel.maybe_initialize_distributed(
-      p.distributed, coordinator_address=p.coordinator_address,
-      num_processes=p.num_processes, process_id=p.process_id)
-  # Fix the RNG implementation so random streams do not change with JAX's
-  # default (ANCHORS 4).
-  jax.config.update("jax_threefry_partitionable", True)
-  cache_dir = config.compile_cache_dir or os.environ.get(
-      "DIVDISTILL_COMPILE_CACHE")
-  if cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def eval_epochs(epochs: int, every: int, final: int = 0,
                 schedule: str = "every") -> frozenset[int]:
-  """Validation epochs (1-indexed), PAPER_SPEC 6.6 for 'official'."""
+  """Validation epochs (1-indexed); 'official' adds the official scripts'
+  epoch 1 and last `final` epochs (docs/SOURCES.md, "Validation")."""
   out = {e for e in range(1, epochs + 1) if e % every == 0} | {epochs}
   if schedule == "official":
     out |= {1} | set(range(max(epochs - final + 1, 1), epochs + 1))
   return frozenset(out)
-
-
-def load_splits(config: ml_collections.ConfigDict) -> dict:
-  splits = data.load_dataset(config.data.name, data_dir=config.data.data_dir)
-  return data.subset(splits, {"train": config.data.train_size,
-                              "validation": config.data.validation_size,
-                              "test": config.data.test_size})
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict:
@@ -196,27 +173,6 @@ def _update_best(state: TrainState, accuracy: jax.Array, epoch: jax.Array):
       best_epoch=jnp.where(improved, epoch, state.best_epoch))
 
 
-def predict_split(predict_fn, variables, images: np.ndarray,
-                  mesh, batch_size: int) -> np.ndarray:
-  """Member probabilities [M, N, K] over a whole split (padded, masked).
-
-  `predict_fn(variables, uint8 images [B, H, W, C]) -> [M, B, K]` (jitted).
-  """
-  per_device = -(-batch_size // mesh.devices.size)
-  batch_size = per_device * mesh.devices.size
-  outs = []
-  for batch in data.eval_batches(images, np.zeros(len(images), np.int32),
-                                 batch_size):
-    local = data.process_slice(batch.images, jax.process_index(),
-                               jax.process_count())
-    probs = predict_fn(variables, parallel.global_batch(local, mesh))
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      probs = multihost_utils.process_allgather(probs, tiled=True)
-    outs.append(np.asarray(probs, np.float32)[:, batch.mask])
-  return np.concatenate(outs, axis=1)
-
-
 def member_accuracy(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """Top-1 accuracy of each member, [M, N, K] -> [M]."""
   return (probs.argmax(-1) == labels[None]).mean(-1)
@@ -256,13 +212,15 @@ class _StopSignal:
 
 
 def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
-        mesh, splits: dict, predictions_extra: dict | None = None) -> dict:
+        mesh, splits: dict, summary_extra: dict | None = None) -> dict:
   """Trains `task` to the end (resuming if possible) and exports results.
 
   Writes into `workdir`: `checkpoints/` (latest K states), `best/` (the
   selected variables), `predictions.npz` (member probabilities on the
   validation and test splits), `metrics.jsonl`, TensorBoard events,
-  `config.json` and, when finished, `done.json` with the summaries.
+  `config.json` and, when finished, `done.json` with the summaries and
+  `summary_extra` (e.g. the method and its step size). Arrays from
+  `task.extra_predictions` go into `predictions.npz`.
 
   Returns:
     Summaries: final/best validation accuracies, steps, wall time.
@@ -344,13 +302,13 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
   if stop_at < total:
     return {"stopped_at_step": stop_at}
   return _finish(task, state, workdir, mesh, config, splits,
-                 earlier_seconds + time.time() - t0, predictions_extra or {})
+                 earlier_seconds + time.time() - t0, summary_extra or {})
 
 
 def _validate(task, state, epoch, mesh, config, writer, val_images,
               val_labels, step):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  probs = predict_split(task.predict_fn, variables, val_images, mesh,
+  probs = runtime.predict_split(task.predict_fn, variables, val_images, mesh,
                         config.eval.batch_size)
   accs = member_accuracy(probs, val_labels)
   ens_acc = float((probs.mean(0).argmax(-1) == val_labels).mean())
@@ -374,8 +332,8 @@ def _finish(task, state, workdir, mesh, config, splits, seconds, extra):
   arrays = {}
   for split in ("validation", "test"):
     images, labels = splits[split]
-    arrays[f"{split}_probs"] = predict_split(task.predict_fn, best, images,
-                                             mesh, config.eval.batch_size)
+    arrays[f"{split}_probs"] = runtime.predict_split(
+        task.predict_fn, best, images, mesh, config.eval.batch_size)
     arrays[f"{split}_labels"] = labels
   if task.extra_predictions is not None:
     arrays.update(task.extra_predictions(best, mesh))

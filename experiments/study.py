@@ -44,7 +44,8 @@ from absl import app, flags, logging
 
 from divdistill_jax import (analysis, augment, calibrate, checkpointing,
                             configlib, distill, ensemble, fileio, metrics,
-                            perturb, teachers, train)
+                            perturb, runtime, step, teachers)
+from divdistill_jax.student import Student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -99,37 +100,28 @@ def _apply_overrides(config, overrides: list[str]) -> None:
 def diagnostics(config, run_dir: str, teacher_dir: str, splits: dict,
                 step_size: float) -> dict:
   """The student's fit to its teachers on clean and perturbed train images."""
-  teacher_model, teacher_vars, _ = distill.load_teachers(config, teacher_dir)
-  student = distill.Student(config, None)
+  teacher_model, teacher_vars, _ = teachers.load_teachers(config,
+                                                           teacher_dir)
+  student = Student(config)
   variables = checkpointing.load_variables(os.path.join(run_dir, "best"))
-  m = student.ensemble_size
   images, labels = splits["train"]
   x = augment.to_float(images[:DIAGNOSTIC_IMAGES])
   labels = labels[:DIAGNOSTIC_IMAGES]
-  name = configlib.PERTURBATION_OF_METHOD[config.perturb.method]
+  options = step.perturb_options(config, step_size)
 
   @jax.jit
   def probs(x, key):
-    def logits_fn(v, inputs):
-      return teacher_model.apply(v, inputs, train=False)
-
     def student_fn(v, inputs):  # tdiv_sdiv perturbs through the student.
-      return student.apply(v, jax.numpy.broadcast_to(
-          inputs, (m, *inputs.shape)), train=False)[0]
+      return student.apply(v, student.tile(inputs), train=False)[0]
 
-    x_pert = perturb.perturb(
-        name, key, x, logits_fn, teacher_vars, step_size=step_size,
-        temperature=config.kd.temperature, num_steps=config.perturb.num_steps,
-        norm=config.perturb.norm,
-        confidence_scaled=config.perturb.confidence_scaled,
-        strategy=config.model.ensemble_strategy, student_fn=student_fn,
-        student_variables=variables, all_pairs=config.perturb.all_pairs)
+    context = perturb.Context(ensemble.member_fn(teacher_model), teacher_vars,
+                              student_fn, variables)
+    x_pert = perturb.apply(config.perturb.method, key, x, context, options)
     out = []
     for inputs in (x, x_pert):
       t = jax.nn.softmax(ensemble.apply_members(
           teacher_model, teacher_vars, inputs), -1)
-      s, _ = student.apply(variables, jax.numpy.broadcast_to(
-          inputs, (m, *inputs.shape)), train=False)
+      s, _ = student.apply(variables, student.tile(inputs), train=False)
       out += [t, jax.nn.softmax(s, -1)]
     return out
 
@@ -175,7 +167,7 @@ def run_cell(root: str, *, seed: int, n: int, model: str, epochs: int,
   configlib.validate(config)
   start = time.time()
   summary = distill.distill(config, out_dir)
-  splits = train.load_splits(config)
+  splits = runtime.load_splits(config)
   with np.load(os.path.join(out_dir, "predictions.npz")) as f:
     row = metrics.table_row(f["validation_probs"], f["validation_labels"],
                             f["test_probs"], f["test_labels"])
@@ -380,13 +372,13 @@ def clip_report(root: str, seeds, sizes, models, etas) -> str:
           continue
         config = cell_config(seed=seed, train_size=n, model=model,
                              method="ods", eta=1.0)
-        teacher_model, teacher_vars, _ = distill.load_teachers(config, t_dir)
-        images = train.load_splits(config)["train"][0][:DIAGNOSTIC_IMAGES]
+        teacher_model, teacher_vars, _ = teachers.load_teachers(config,
+                                                                 t_dir)
+        images = runtime.load_splits(config)["train"][0][:DIAGNOSTIC_IMAGES]
         x = np.asarray(augment.to_float(images))
         calib = calibrate.load(t_dir) or {"methods": {}}
-
-        def logits_fn(v, inputs):
-          return teacher_model.apply(v, inputs, train=False)
+        context = perturb.Context(ensemble.member_fn(teacher_model),
+                                  teacher_vars)
 
         for method in ("gaussian", "ods"):
           for eta in etas:
@@ -396,9 +388,8 @@ def clip_report(root: str, seeds, sizes, models, etas) -> str:
               value = calib["methods"][method]["step_size"]
             else:
               value = float(eta)
-            x_pert = perturb.perturb(
-                method, jax.random.key(seed), x, logits_fn, teacher_vars,
-                step_size=value, temperature=config.kd.temperature)
+            x_pert = perturb.apply(method, jax.random.key(seed), x, context,
+                                   step.perturb_options(config, value))
             kept = analysis.step_kept(x, np.asarray(x_pert), value)
             lines.append(
                 f"| {model} | {n} | {seed} | {100 * (x == 0).mean():.1f} % | "

@@ -117,19 +117,21 @@ def test_saved_calibration_is_reused_and_redone_when_settings_change(
     tmp_path):
   teachers, splits = _teachers(), _splits(6)
   config = _config(**{"perturb.step_size": "auto"})
-  eta = calibrate.resolve_step_size(config, str(tmp_path), LinearTeacher(),
-                                    teachers, splits)
+  resolved = calibrate.resolve(config, str(tmp_path), LinearTeacher(),
+                               teachers, splits)
+  eta = resolved.perturb.step_size
+  assert isinstance(eta, float) and config.perturb.step_size == "auto"
   saved = calibrate.load(str(tmp_path))
   assert saved["methods"]["ods"]["step_size"] == eta
   # A different target ratio is another calibration: doubling the KL target
   # needs a larger step.
   doubled = _config(**{"perturb.step_size": "auto",
                        "perturb.auto_target_ratio": 2.0})
-  eta2 = calibrate.resolve_step_size(doubled, str(tmp_path), LinearTeacher(),
-                                     teachers, splits)
+  eta2 = calibrate.resolve(doubled, str(tmp_path), LinearTeacher(),
+                           teachers, splits).perturb.step_size
   assert eta2 > eta * 1.2
   assert calibrate.load(str(tmp_path))["settings"]["target_ratio"] == 2.0
   # A fixed step size is used as it is.
   fixed = _config(**{"perturb.step_size": 3.5})
-  assert calibrate.resolve_step_size(fixed, str(tmp_path), None, None,
-                                     None) == 3.5
+  assert calibrate.resolve(fixed, str(tmp_path), None, None,
+                           None).perturb.step_size == 3.5

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import latest_checkpoint, load_config, notebook_config
 
-from divdistill_jax import calibrate, configlib, distill, jobs
+from divdistill_jax import calibrate, configlib, distill, jobs, step, teachers
+from divdistill_jax.student import Student
 
 SMALL = {"data.train_size": 128, "teacher.batch_size": 32,
          "student.batch_size": 32}
@@ -28,38 +29,39 @@ def _student(method, teacher_dir, **overrides):
 
 
 def test_teacher_errors_are_clear(teacher_dir, tmp_path):
-  with pytest.raises(distill.TeacherError, match="No teachers workdir"):
-    distill.load_teachers(_student("kd", None), None)
-  with pytest.raises(distill.TeacherError, match="No finished teachers run"):
-    distill.load_teachers(_student("kd", str(tmp_path)), str(tmp_path))
-  with pytest.raises(distill.TeacherError,
+  with pytest.raises(teachers.TeacherError, match="No teachers workdir"):
+    teachers.load_teachers(_student("kd", None), None)
+  with pytest.raises(teachers.TeacherError, match="No finished teachers run"):
+    teachers.load_teachers(_student("kd", str(tmp_path)), str(tmp_path))
+  with pytest.raises(teachers.TeacherError,
                      match="2 teachers .* student.ensemble_size=3"):
-    distill.load_teachers(_student("kd", teacher_dir,
+    teachers.load_teachers(_student("kd", teacher_dir,
                                    **{"student.ensemble_size": 3}),
                           teacher_dir)
   # Mean pairing accepts any student size.
-  distill.load_teachers(_student("kd", teacher_dir,
+  teachers.load_teachers(_student("kd", teacher_dir,
                                  **{"student.ensemble_size": 3,
                                     "student.pairing": "mean"}), teacher_dir)
   config = _student("kd", teacher_dir)
   config.unlock()
   config.data.name = "cifar10"
-  with pytest.raises(distill.TeacherError, match="trained on 'fashion_mnist'"):
-    distill.load_teachers(config, teacher_dir)
+  with pytest.raises(teachers.TeacherError, match="trained on 'fashion_mnist'"):
+    teachers.load_teachers(config, teacher_dir)
   broken = str(tmp_path / "broken")
   shutil.copytree(teacher_dir, broken)
   for root, _, files in os.walk(os.path.join(broken, "best")):
     for f in files:
       if f != "_CHECKPOINT_METADATA":
         os.remove(os.path.join(root, f))
-  with pytest.raises(distill.TeacherError, match="teacher checkpoint"):
-    distill.load_teachers(_student("kd", broken), broken)
+  with pytest.raises(teachers.TeacherError, match="teacher checkpoint"):
+    teachers.load_teachers(_student("kd", broken), broken)
 
 
 def test_step_spec_carries_the_config():
   """Every static option of the step comes from its config field."""
-  config = load_config("cifar100_wrn28x10", "confods")
-  spec = distill.step_spec(config, 2.5)
+  config = load_config("cifar100_wrn28x10", "confods",
+                       **{"perturb.step_size": 2.5})
+  spec = step.StepSpec.from_config(config)
   assert (spec.method, spec.alpha, spec.temperature, spec.pairing) == (
       "confods", 0.9, 1.0, "member")
   assert (spec.padding, spec.flip, spec.clean_pass) == (4, True, True)
@@ -68,19 +70,19 @@ def test_step_spec_carries_the_config():
       2.5, 1.0, 1)
   # One ODS draw per official GPU: the student's BatchNorm group.
   assert options.group_size == config.student.bn_group_size == 16
-  syncbn = distill.step_spec(load_config("cifar100_wrn28x10",
-                                         "confods,syncbn"), 1.0)
+  syncbn = step.StepSpec.from_config(load_config("cifar100_wrn28x10",
+                                                 "confods,syncbn"))
   assert syncbn.perturb.group_size is None
   with pytest.raises(ValueError, match="only kd.alpha = 1"):
-    distill.StepSpec(method="ods", perturb=options, alpha=0.9,
+    step.StepSpec(method="ods", perturb=options, alpha=0.9,
                      temperature=1.0, clean_pass=False)
 
 
 def test_fused_pass_equals_two_passes_on_forward_statistics():
   config = _student("confods", None)
   batch = 8
-  two = distill.Student(config, None)
-  fused = distill.Student(config, batch)
+  two = Student(config, None)
+  fused = Student(config, batch)
   x = jax.random.uniform(jax.random.key(0), (2, batch, 28, 28, 1))
   x_kd = jnp.clip(x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
                   0, 1)
@@ -136,8 +138,8 @@ def test_pipeline_runs_every_method_and_reuses_stages(smoke_pipeline,
   assert out.count("finished earlier: reused") == 6
   assert "diversity-matched" not in out  # The calibration is reused too.
   labels = [r["label"] for r in results["rows"]]
-  assert labels == ["DE-1", "DE-2"] + [
-      f"BE-2 {configlib.METHOD_LABELS[m]}" for m in configlib.PIPELINE_METHODS]
+  assert labels == ["DE-1", "DE-2", "BE-2 KD", "BE-2 KD+Gaussian",
+                    "BE-2 KD+ODS", "BE-2 KD+ConfODS", "BE-2 KD+Disagreement"]
   root = Path(workdir)
   for method in configlib.PIPELINE_METHODS:
     assert os.path.exists(root / "students" / method / "predictions.npz")

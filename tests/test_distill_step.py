@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from divdistill_jax import distill, ensemble, models, optim, perturb, train
+from divdistill_jax import ensemble, models, optim, perturb, train
+from divdistill_jax.step import StepSpec, student_train_step
+from divdistill_jax.student import Student
 
 M, B, HW, K = 2, 8, 8, 10
 ALPHA, TEMP, ETA = 0.7, 2.0, 8.0
@@ -79,7 +81,7 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
                            group_size=group, student_fn=student_fn,
                            student_variables={"params": params,
                                               "batch_stats": stats})
-    if method == "none":
+    if method == "kd":
       np.testing.assert_array_equal(x_kd, x)
     # Teachers on the perturbed images, one member at a time.
     t_logits = np.stack([np.asarray(teacher_fn(
@@ -105,7 +107,7 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
         kd = jnp.mean(jnp.sum(targets * (jnp.log(targets) - logq), -1))
         return TEMP**2 * kd, (kd_logits, kd_logits, s2)
       clean, s1 = apply(p, s, x)
-      if method == "none":
+      if method == "kd":
         kd_logits, s2 = clean, s1
       else:
         # The perturbed pass starts from the clean pass's statistics.
@@ -153,7 +155,7 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
 CASES = [
     # (method, pairing, fused, ascent steps, confidence_scaled, BN/ODS group,
     #  clean pass)
-    ("none", "member", False, 1, False, None, True),
+    ("kd", "member", False, 1, False, None, True),
     ("gaussian", "member", False, 1, False, None, True),
     ("ods", "member", False, 1, False, None, True),
     ("confods", "member", False, 1, False, None, True),
@@ -174,7 +176,7 @@ def test_student_step_matches_reference(method, pairing, fused, num_ascent,
                                         conf, group, clean):
   alpha = ALPHA if clean else 1.0
   config, teacher_model, teacher_vars, images, labels = _setup(pairing)
-  student = distill.Student(config, group)
+  student = Student(config, group)
   variables = student.init(jax.random.key(2), jnp.zeros((1, HW, HW, 1)))
   # A large weight decay so that its groups are visible at float32.
   tx = optim.make_optimizer(steps_per_epoch=10, total_epochs=5,
@@ -183,14 +185,14 @@ def test_student_step_matches_reference(method, pairing, fused, num_ascent,
                             schedule="constant")
   state = train.new_state(variables["params"], variables["batch_stats"],
                           tx.init(variables["params"]), num_selected=1)
-  spec = distill.StepSpec(
+  spec = StepSpec(
       method=method, perturb=perturb.Options(
           step_size=ETA, temperature=TEMP, num_steps=num_ascent,
           confidence_scaled=conf, strategy="unroll", group_size=group),
       alpha=alpha, temperature=TEMP, pairing=pairing, clean_pass=clean)
-  step = jax.jit(lambda s, x, y, k, tv: distill.student_train_step(
+  step = jax.jit(lambda s, x, y, k, tv: student_train_step(
       s, x, y, k, tv, student=student,
-      fused=distill.Student(config, B) if fused else None,
+      fused=Student(config, B) if fused else None,
       teacher_model=teacher_model, tx=tx, spec=spec))
   base_key = jax.random.key(7)
   got_metrics = []
@@ -207,7 +209,7 @@ def test_student_step_matches_reference(method, pairing, fused, num_ascent,
   for got, want in zip(got_metrics, want_metrics):
     for name, value in want.items():
       assert got[name] == pytest.approx(value, rel=2e-4, abs=2e-5), name
-  if method != "none":
+  if method != "kd":
     assert want_metrics[0]["perturbation_l2"] > 0.02  # A visible step.
   jax.tree.map(lambda g, w: np.testing.assert_allclose(
       g, w, rtol=2e-4, atol=2e-5), state.params, want_params)

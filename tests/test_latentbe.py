@@ -10,6 +10,7 @@ import pytest
 from conftest import load_config
 
 from divdistill_jax import distill, evaluate, latentbe, models, optim
+from divdistill_jax.student import Student
 
 M, K = 3, 7
 
@@ -170,10 +171,10 @@ def test_latentbe_student_job_writes_merged_rows(smoke_pipeline, tmp_path):
   for rule in ("sb", "b", "sb_bn"):
     assert preds[f"merged_{rule}_test_probs"].shape == (1, 64, 10)
   # The saved merged predictions are the independently merged network's.
-  from divdistill_jax import checkpointing, train
+  from divdistill_jax import checkpointing, runtime
   best = checkpointing.load_variables(os.path.join(workdir, "best"))
-  plain = distill.Student(config, None).plain_model
-  images = train.load_splits(config)["test"][0].astype(np.float32) / 255
+  plain = Student(config).plain_model
+  images = runtime.load_splits(config)["test"][0].astype(np.float32) / 255
   probs = jax.nn.softmax(plain.apply(_independent_merge(best, "sb"),
                                      images, train=False), -1)
   np.testing.assert_allclose(preds["merged_sb_test_probs"][0], probs,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import latest_checkpoint, load_config
 
-from divdistill_jax import checkpointing, optim, parallel, teachers, train
+from divdistill_jax import (checkpointing, optim, parallel, runtime, teachers,
+                            train)
 
 
 def _smoke(**overrides):
@@ -66,7 +67,7 @@ def test_one_device_equals_four_devices():
   """
   assert jax.device_count() >= 4
   config = _smoke(**{"teacher.optim.learning_rate": 0.02})
-  splits = train.load_splits(config)
+  splits = runtime.load_splits(config)
   results = []
   for devices in (1, 4):
     mesh = parallel.make_mesh(devices)
@@ -89,7 +90,7 @@ def test_batch_not_divisible_by_devices():
   config = _smoke(**{"teacher.batch_size": 30})
   mesh = parallel.make_mesh(4)
   with pytest.raises(ValueError, match="per device 7.5"):
-    teachers.make_teacher_task(config, mesh, train.load_splits(config))
+    teachers.make_teacher_task(config, mesh, runtime.load_splits(config))
 
 
 class _FakeClock:
@@ -149,10 +150,11 @@ def test_resume_is_exact_and_run_writes_outputs(tmp_path, monkeypatch):
   best = checkpointing.load_variables(os.path.join(straight, "best"))
   config = _smoke()
   mesh = parallel.make_mesh(1)
-  splits = train.load_splits(config)
+  splits = runtime.load_splits(config)
   task = teachers.make_teacher_task(config, mesh, splits)
-  probs = train.predict_split(task.predict_fn, parallel.replicate(best, mesh),
-                              splits["validation"][0], mesh, 64)
+  probs = runtime.predict_split(task.predict_fn,
+                                parallel.replicate(best, mesh),
+                                splits["validation"][0], mesh, 64)
   with np.load(os.path.join(straight, "predictions.npz")) as f:
     np.testing.assert_allclose(probs, f["validation_probs"], rtol=1e-4,
                                atol=1e-6)
@@ -279,3 +281,42 @@ def test_figure1_sets_come_from_their_splits():
     np.testing.assert_allclose(out[f"kl_train+{method}"], out["kl_train"],
                                rtol=1e-5, atol=1e-7)
   assert "kl_train+kd" not in out
+
+
+def test_figure1_sets_draw_per_batchnorm_group_like_training():
+  """With student BatchNorm groups, the perturbed Figure-1 set draws one
+  ODS member and w per group, exactly as the training step's options do."""
+  from divdistill_jax import analysis, ensemble, perturb
+  from divdistill_jax.step import StepSpec
+  config = load_config("quickstart", "ods,smoke",
+                       **{"perturb.step_size": 8.0,
+                          "student.bn_group_size": 4})
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (12, 28, 28, 1), np.uint8)
+  splits = {"train": (images, np.zeros(12, np.int32)),
+            "validation": (images[:4], np.zeros(4, np.int32))}
+  model = teachers.build_teacher_model(config)
+  variables = ensemble.init_members(model, jax.random.key(0), 2,
+                                    jnp.zeros((1, 28, 28, 1)))
+  options = StepSpec.from_config(config).perturb
+  assert options.group_size == 4
+  context = perturb.Context(ensemble.member_fn(model), variables)
+  x = jnp.asarray(images, jnp.float32) / 255
+  key = jax.random.key(config.seed)
+  # Batches of 8 images (two groups) and 4 (one group), as the analysis
+  # batches them; each batch's key is fold_in(key, its first index).
+  want = np.concatenate([np.asarray(perturb.apply(
+      "ods", jax.random.fold_in(key, i), x[i:i + 8], context, options))
+      for i in (0, 8)])
+  single = np.asarray(perturb.apply(
+      "ods", jax.random.fold_in(key, 0), x[:8], context,
+      perturb.Options(step_size=8.0, temperature=options.temperature)))
+  assert not np.allclose(want[:8], single, atol=1e-6)  # Groups matter here.
+  out = analysis.teacher_diversity(config, model, variables, splits, ["ods"],
+                                   num_examples=12, batch_size=8)
+  probs = np.stack([np.asarray(jax.nn.softmax(model.apply(
+      jax.tree.map(lambda a, m=m: a[m], variables), jnp.asarray(want),
+      train=False))) for m in range(2)]).astype(np.float64)
+  kl = (probs[0] * np.log(probs[0] / probs[1])).sum(-1)
+  kl = (kl + (probs[1] * np.log(probs[1] / probs[0])).sum(-1)) / 2
+  np.testing.assert_allclose(out["kl_train+ods"], kl, rtol=1e-3, atol=1e-6)
