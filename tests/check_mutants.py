@@ -1,20 +1,32 @@
 """Applies known wrong versions of the code one at a time; each must fail.
 
-  python tests/check_mutants.py [--only NAME]
+  python tests/check_mutants.py [--only NAME]   run the guarding tests
+  python tests/check_mutants.py --check         only check every edit applies
 
-Each mutant is one small edit that a reviewer could make by mistake (a
-swapped argument, a wrong input, a dropped option). The script copies the
-repository to a temporary folder, applies one edit, runs the fast tests that
-guard that code, and reports whether they failed (good: the mutant is
-"killed") or passed (bad: the tests cannot see that mistake). Not collected
-by pytest (the name does not start with `test_`); run it after changing the
-distillation step, the metrics, the optimiser or the perturbations.
+Each mutant is one small mistake a reviewer could make (a swapped argument,
+a wrong input, a dropped option), written as edits. An edit names a file,
+the function (or `Class.method`) it lives in, a short code pattern and its
+replacement. The pattern is matched token by token with any whitespace
+between tokens, inside that function only, so reformatting or moving the
+function within its file does not break it; if the pattern is not found
+exactly once, the edit says so and names what to update.
+
+The script copies the repository to a temporary folder, applies one
+mutant, runs the fast tests that guard that code, and reports whether they
+failed (good: the mutant is "killed") or passed (bad: the tests cannot see
+that mistake). Not collected by pytest (the name does not start with
+`test_`); `tests/test_mutants_apply.py` runs `--check` in the suite, so a
+mutant that no longer applies fails CI. Run the full script after changing
+the distillation step, the metrics, the optimiser or the perturbations.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,120 +35,206 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (file, old text, new text, tests that must catch it).
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+  path: str  # Relative to the repository root.
+  function: str  # 'name' or 'Class.name'; the edit stays inside it.
+  old: str
+  new: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  edits: tuple[Edit, ...]
+  tests: tuple[str, ...]
+
+
+def _one(path, function, old, new, *tests) -> Mutant:
+  return Mutant((Edit(path, function, old, new),), tests)
+
+
+STEP = "divdistill_jax/step.py"
+STEP_TESTS = ("tests/test_distill_step.py",)
+
 MUTANTS = {
-    "teacher targets on clean images": (
-        "divdistill_jax/distill.py",
-        "teacher_logits = ensemble.apply_members(teacher_model, teacher_vars, "
-        "x_kd,",
-        "teacher_logits = ensemble.apply_members(teacher_model, teacher_vars, "
-        "x,",
-        ["tests/test_distill_step.py"]),
-    "TDiv-SDiv through the best-so-far BN statistics, not the current": (
-        "divdistill_jax/distill.py",
-        '      {"params": state.params, "batch_stats": '
-        'state.batch_stats})',
-        '      {"params": state.params, "batch_stats": '
-        'state.best_batch_stats})',
-        ["tests/test_distill_step.py"]),
-    "perturbed pass without the clean pass's BN statistics": (
-        "divdistill_jax/distill.py",
+    "teacher targets on clean images": _one(
+        STEP, "student_train_step",
+        "ensemble.apply_members(teacher_model, teacher_vars, x_kd,",
+        "ensemble.apply_members(teacher_model, teacher_vars, x,",
+        *STEP_TESTS),
+    "TDiv-SDiv through the best-so-far BN statistics, not the current": _one(
+        STEP, "student_train_step",
+        '{"params": state.params, "batch_stats": state.batch_stats})',
+        '{"params": state.params, "batch_stats": state.best_batch_stats})',
+        *STEP_TESTS),
+    "perturbed pass without the clean pass's BN statistics": _one(
+        STEP, "student_train_step",
         '{"params": params, "batch_stats": batch_stats}, tile(x_kd),',
         '{"params": params, "batch_stats": state.batch_stats}, tile(x_kd),',
-        ["tests/test_distill_step.py"]),
-    "CE on perturbed logits, KD on clean": (
-        "divdistill_jax/distill.py",
+        *STEP_TESTS),
+    "CE on perturbed logits, KD on clean": _one(
+        STEP, "student_train_step",
         "clean, labels, kd_logits, targets, alpha=spec.alpha,",
         "kd_logits, labels, clean, targets, alpha=spec.alpha,",
-        ["tests/test_distill_step.py"]),
-    "alpha and 1 - alpha swapped": (
-        "divdistill_jax/distill.py",
-        "clean, labels, kd_logits, targets, alpha=spec.alpha,",
-        "clean, labels, kd_logits, targets, alpha=1 - spec.alpha,",
-        ["tests/test_distill_step.py"]),
-    "one ODS draw per batch although groups are set": (
-        "divdistill_jax/distill.py",
-        "group_size=config.student.bn_group_size,",
-        "group_size=None,",
-        ["tests/test_distill_step.py",
-         "tests/test_distill.py::test_step_spec_carries_the_config"]),
-    "every teacher member on the same data order": (
-        "divdistill_jax/teachers.py",
-        "stream=member) for member in range(m)])",
-        "stream=0) for member in range(m)])",
-        ["tests/test_train.py::test_each_teacher_member_has_its_own_data_order"]),
-    "ECE bins [lo, hi)": (
-        "divdistill_jax/metrics.py",
+        *STEP_TESTS),
+    "alpha and 1 - alpha swapped": _one(
+        STEP, "student_train_step",
+        "alpha=spec.alpha,", "alpha=1 - spec.alpha,", *STEP_TESTS),
+    "one ODS draw per batch although groups are set": _one(
+        STEP, "perturb_options",
+        "group_size=config.student.bn_group_size,", "group_size=None,",
+        *STEP_TESTS,
+        "tests/test_distill.py::test_step_spec_carries_the_config"),
+    "Figure-1 and calibration draws ignore the BatchNorm groups": _one(
+        "divdistill_jax/analysis.py", "teacher_perturbation",
+        "options = step.perturb_options(config, eta)",
+        "options = dataclasses.replace(step.perturb_options(config, eta), "
+        "group_size=None)",
+        "tests/test_train.py::"
+        "test_figure1_sets_draw_per_batchnorm_group_like_training"),
+    "every teacher member on the same data order": _one(
+        "divdistill_jax/teachers.py", "make_teacher_task",
+        "stream=member)", "stream=0)",
+        "tests/test_train.py::"
+        "test_each_teacher_member_has_its_own_data_order"),
+    "ECE bins [lo, hi)": _one(
+        "divdistill_jax/metrics.py", "expected_calibration_error",
         "in_bin = (confidence > lower) & (confidence <= upper)",
         "in_bin = (confidence >= lower) & (confidence < upper)",
-        ["tests/test_metrics.py"]),
-    "ECE with equal-mass bins": (
-        "divdistill_jax/metrics.py",
+        "tests/test_metrics.py"),
+    "ECE with equal-mass bins": _one(
+        "divdistill_jax/metrics.py", "expected_calibration_error",
         "edges = np.linspace(0.0, 1.0, num_bins + 1)",
-        "edges = np.quantile(confidence, np.linspace(0.0, 1.0, num_bins + 1))",
-        ["tests/test_metrics.py"]),
-    "no weight decay on BatchNorm scale and bias": (
-        "divdistill_jax/optim.py",
-        'lambda p, _: "fast" if is_fast_weight(p) else "default", params)',
-        'lambda p, _: "fast" if is_fast_weight(p) else ("bn" if any('
-        'getattr(k, "key", "") in ("scale", "bias") for k in p) else '
-        '"default"), params)',
-        ["tests/test_optim.py", "tests/test_distill_step.py"]),
-    "disagreement ignores confidence_scaled": (
-        "divdistill_jax/perturb.py",
-        "  if confidence_scaled:\n    p_bar",
-        "  if False:\n    p_bar",
-        ["tests/test_perturb.py"]),
-    "disagreement makes every step the full eta": (
-        "divdistill_jax/perturb.py",
-        "scale = step_size / 255.0 / num_steps\n  if confidence_scaled:",
-        "scale = step_size / 255.0\n  if confidence_scaled:",
-        ["tests/test_perturb.py"]),
-    "Figure-1 validation set drawn from training images": (
-        "divdistill_jax/analysis.py",
-        '"validation": (splits["validation"][0][:num_examples], None, None)',
-        '"validation": (splits["train"][0][:num_examples], None, None)',
-        ["tests/test_train.py::test_figure1_sets_come_from_their_splits"]),
+        "edges = np.quantile(confidence, np.linspace(0.0, 1.0, "
+        "num_bins + 1))",
+        "tests/test_metrics.py"),
+    "no weight decay on BatchNorm scale and bias": Mutant((
+        Edit("divdistill_jax/optim.py", "param_labels",
+             '"fast" if is_fast_weight(p) else "default"',
+             '"fast" if is_fast_weight(p) else ("bn" if any(getattr(k, '
+             '"key", "") in ("scale", "bias") for k in p) else "default")'),
+        Edit("divdistill_jax/optim.py", "make_optimizer",
+             '{"default": group(learning_rate, weight_decay),',
+             '{"default": group(learning_rate, weight_decay), '
+             '"bn": group(learning_rate, 0.0),'),
+    ), ("tests/test_optim.py", "tests/test_distill_step.py")),
+    "disagreement ignores confidence_scaled": _one(
+        "divdistill_jax/perturb.py", "disagreement",
+        "if confidence_scaled:", "if False:",
+        "tests/test_perturb.py"),
+    "disagreement makes every step the full eta": _one(
+        "divdistill_jax/perturb.py", "disagreement",
+        "scale = to_pixels(step_size) / num_steps",
+        "scale = to_pixels(step_size)", "tests/test_perturb.py"),
+    "Figure-1 validation set drawn from training images": _one(
+        "divdistill_jax/analysis.py", "teacher_diversity",
+        'augment.to_float(splits["validation"][0][:num_examples])',
+        'augment.to_float(splits["train"][0][:num_examples])',
+        "tests/test_train.py::test_figure1_sets_come_from_their_splits"),
 }
 
 
-def _patch_optimizer_groups(text: str) -> str:
-  """The BN mutant also needs a third optimiser group without decay."""
-  return text.replace(
-      '"fast": group(fast_learning_rate, fast_weight_decay)}',
-      '"fast": group(fast_learning_rate, fast_weight_decay),\n'
-      '       "bn": group(learning_rate, 0.0)}')
+class StaleMutant(ValueError):
+  """An edit whose code is no longer there."""
+
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def _pattern(text: str) -> re.Pattern:
+  """`text` token by token, any whitespace (or none) between tokens."""
+  return re.compile(r"\s*".join(re.escape(t) for t in _TOKEN.findall(text)))
+
+
+def _function_span(source: str, dotted: str, path: str) -> tuple[int, int]:
+  """Character offsets of a (possibly nested or method) def in `source`."""
+  tree = ast.parse(source)
+  node, found = tree, None
+  for part in dotted.split("."):
+    found = next((n for n in ast.walk(node) if isinstance(
+        n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and n.name == part), None)
+    if found is None:
+      raise StaleMutant(f"{path} has no function {dotted!r}")
+    node = found
+  lines = source.splitlines(keepends=True)
+  start = sum(len(line) for line in lines[:found.lineno - 1])
+  end = sum(len(line) for line in lines[:found.end_lineno])
+  return start, end
+
+
+def apply_edit(source: str, edit: Edit) -> str:
+  """`source` with one edit applied.
+
+  Raises:
+    StaleMutant: the function is gone, or the pattern is not in it exactly
+      once.
+  """
+  start, end = _function_span(source, edit.function, edit.path)
+  body = source[start:end]
+  matches = list(_pattern(edit.old).finditer(body))
+  if len(matches) != 1:
+    raise StaleMutant(
+        f"{edit.path}, {edit.function}(): the pattern {edit.old!r} occurs "
+        f"{len(matches)} times (expected once); update the mutant in "
+        "tests/check_mutants.py")
+  m = matches[0]
+  return source[:start + m.start()] + edit.new + source[start + m.end():]
+
+
+def mutated_sources(name: str, root: str = ROOT) -> dict[str, str]:
+  """{path: mutated source} for every file a mutant edits."""
+  out = {}
+  for edit in MUTANTS[name].edits:
+    if edit.path not in out:
+      with open(os.path.join(root, edit.path)) as f:
+        out[edit.path] = f.read()
+    try:
+      out[edit.path] = apply_edit(out[edit.path], edit)
+    except StaleMutant as e:
+      raise StaleMutant(f"mutant {name!r}: {e}") from None
+  for path, text in out.items():
+    compile(text, path, "exec")  # The mutant must still be valid Python.
+  return out
+
+
+def check_all() -> None:
+  """Raises StaleMutant unless every mutant applies to today's code."""
+  for name in MUTANTS:
+    mutated_sources(name)
 
 
 def run(name: str, work: str) -> bool:
   """True when the tests fail on mutant `name` (it is killed)."""
-  path, old, new, tests = MUTANTS[name]
-  target = os.path.join(work, path)
-  with open(os.path.join(ROOT, path)) as f:
-    original = f.read()
-  if original.count(old) != 1:
-    raise SystemExit(f"{name}: the text to replace occurs "
-                     f"{original.count(old)} times in {path}; update it.")
-  mutated = original.replace(old, new)
-  if name.startswith("no weight decay"):
-    mutated = _patch_optimizer_groups(mutated)
-  with open(target, "w") as f:
-    f.write(mutated)
+  originals = {}
+  for path, text in mutated_sources(name).items():
+    with open(os.path.join(work, path)) as f:
+      originals[path] = f.read()
+    with open(os.path.join(work, path), "w") as f:
+      f.write(text)
   try:
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         *tests], cwd=work, capture_output=True, text=True,
+         *MUTANTS[name].tests], cwd=work, capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": work})
   finally:
-    with open(target, "w") as f:
-      f.write(original)
+    for path, text in originals.items():
+      with open(os.path.join(work, path), "w") as f:
+        f.write(text)
   return proc.returncode != 0
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--only", default=None, help="Run one mutant by name.")
+  parser.add_argument("--check", action="store_true",
+                      help="Only check that every mutant applies.")
   args = parser.parse_args()
+  if args.check:
+    check_all()
+    print(f"all {len(MUTANTS)} mutants apply")
+    return
   names = [args.only] if args.only else list(MUTANTS)
   survivors = []
   with tempfile.TemporaryDirectory() as tmp:
