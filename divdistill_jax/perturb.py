@@ -270,6 +270,10 @@ def tdiv_sdiv(key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
 class Options:
   """A perturbation's settings (static and hashable: part of a step spec).
 
+  The defaults are `configlib.base_config()`'s (tested); `step.
+  perturb_options(config)` builds the Options of a config, and the keyword
+  form `perturb` takes its defaults from here.
+
   Attributes:
     step_size: eta in 1/255 units (1.0 = the paper's 1/255).
     temperature: T of the tempered teacher probabilities (ODS, ConfODS,
@@ -283,11 +287,11 @@ class Options:
   """
 
   step_size: float = 1.0
-  temperature: float = 1.0
+  temperature: float = 4.0
   num_steps: int = 1
   norm: str = "l2"
   confidence_scaled: bool = False
-  strategy: str = "vmap"
+  strategy: str = "unroll"
   group_size: int | None = None
   all_pairs: bool = False
 
@@ -431,12 +435,13 @@ def apply(method: str, key: jax.Array, x: jax.Array, context: Context,
 
 def perturb(method: str, key: jax.Array, x: jax.Array, logits_fn: LogitsFn,
             teacher_params: PyTree, *, step_size: float, temperature: float,
-            num_steps: int = 1, norm: str = "l2",
-            confidence_scaled: bool = False, strategy: str = "vmap",
-            group_size: int | None = None,
+            num_steps: int = Options.num_steps, norm: str = Options.norm,
+            confidence_scaled: bool = Options.confidence_scaled,
+            strategy: str = Options.strategy,
+            group_size: int | None = Options.group_size,
             student_fn: StudentFn | None = None,
             student_variables: PyTree | None = None,
-            all_pairs: bool = False) -> jax.Array:
+            all_pairs: bool = Options.all_pairs) -> jax.Array:
   """Runs perturbation `method` (see the module docstring and `apply`).
 
   Args:

@@ -122,6 +122,7 @@ def make_teacher_task(config: ml_collections.ConfigDict, mesh,
 
   probs = ensemble.probs_fn(model, strategy)
 
+  @jax.jit  # Scaling inside the jit, as the students' predictions do.
   def predict(variables, images):
     return probs(variables, augment.to_float(images))
 

@@ -92,3 +92,9 @@ def test_a_registered_method_gets_a_pipeline_row(smoke_pipeline, tmp_path):
   assert rows["BE-2 KD+Invert"]["step_size"] == 1.0
   with open(os.path.join(workdir, "students", NAME, "done.json")) as f:
     assert json.load(f)["method"] == NAME
+
+
+def test_option_defaults_are_the_config_defaults():
+  """One set of defaults: perturb.Options() is what the base config gives."""
+  from divdistill_jax import step
+  assert perturb.Options() == step.perturb_options(configlib.base_config())
