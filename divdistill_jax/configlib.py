@@ -17,6 +17,7 @@ Variants:
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -190,6 +191,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.pipeline = ml_collections.ConfigDict()
   c.pipeline.methods = ",".join(PIPELINE_METHODS)
+  # Finished stages to compute again, the old ones moved under replaced/:
+  # comma-separated 'teachers' (and so every student), 'students', 'all'
+  # or pipeline entries. Empty: a finished stage of other settings stops
+  # the run with one line naming the fields.
+  c.pipeline.recompute = ""
   c.stop_after_step = config_dict.placeholder(int)  # Testing only.
   return c
 
@@ -277,6 +283,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: naming the field, the bad value and what is allowed.
   """
+  for field, value in _numbers(config.to_dict()):
+    if not math.isfinite(value):
+      raise ValueError(f"config.{field} = {value} must be a finite number.")
   all_choices = {**_CHOICES, "perturb.method": known_methods()}
   for field, choices in all_choices.items():
     value = _get(config, field)
@@ -355,6 +364,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"config.pipeline.methods has unknown entry {entry!r}; expected "
           f"comma-separated METHOD or KIND:METHOD with METHOD in "
           f"{list(known_methods())} and KIND in {list(STUDENT_KINDS)}.")
+  stages = {"teachers", "students", "all", *pipeline_entries(config)}
+  unknown = set(split_list(config.pipeline.recompute)) - stages
+  if unknown:
+    raise ValueError(
+        f"config.pipeline.recompute names no stage: {sorted(unknown)}; "
+        f"use any of {sorted(stages)}.")
+
+
+def _numbers(tree: dict, prefix: str = ""):
+  """(dotted field, float value) of every float leaf of a config dict."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _numbers(value, f"{prefix}{key}.")
+    elif isinstance(value, float):
+      yield f"{prefix}{key}", value
+    elif isinstance(value, (tuple, list)):
+      for i, item in enumerate(value):
+        if isinstance(item, float):
+          yield f"{prefix}{key}[{i}]", item
 
 
 # Student kinds a pipeline entry may name: 'be' (BatchEnsemble), 'latentbe',

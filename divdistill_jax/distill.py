@@ -9,13 +9,16 @@ runs the shared loop (train.run).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from divdistill_jax import (calibrate, data, latentbe, logging_utils, optim,
-                            parallel, perturb, runtime, step, teachers, train)
+                            parallel, perturb, runtime, stages, step, teachers,
+                            train)
+from divdistill_jax import workdir as workdir_lib
 from divdistill_jax.student import Student, predict_fn
 
 
@@ -113,16 +116,27 @@ def distill(config: ml_collections.ConfigDict, workdir: str,
   mesh = parallel.make_mesh(config.parallel.num_devices)
   splits = runtime.load_splits(config)
   requested = config.perturb.step_size
+  fields = stages.student_fields(config)  # As asked: 'auto', not its value.
   config = calibrate.resolve(config, teacher_dir, teacher_model,
                              teacher_vars, splits)
   method = config.perturb.method
   if requested == "auto" and not perturb.is_identity(method):
     logging_utils.log(
         f"   step size: auto -> {config.perturb.step_size:.3g}/255")
+  teacher_fp = stages.recorded_fingerprint(teacher_dir, "teachers")
+  done = workdir_lib.load_json(os.path.join(workdir, "done.json")) or {}
+  if done.get("teacher_fingerprint") not in (None, teacher_fp):
+    raise workdir_lib.StageMismatch(
+        f"The finished student in {workdir!r} learnt from other teachers "
+        f"than those in {teacher_dir!r}. Use a new --workdir.")
   task = make_student_task(config, mesh, splits, teacher_model, teacher_vars)
   return train.run(
       task, workdir=workdir, config=config, mesh=mesh, splits=splits,
       summary_extra={
           "method": method, "kind": config.student.kind,
           "step_size": None if perturb.is_identity(method)
-          else config.perturb.step_size})
+          else config.perturb.step_size,
+          "stage_fields": fields,
+          "fingerprint": workdir_lib.fingerprint(
+              {**fields, "teachers": teacher_fp}),
+          "teacher_fingerprint": teacher_fp})

@@ -15,7 +15,8 @@ import os
 import ml_collections
 import numpy as np
 
-from divdistill_jax import configlib, fileio, metrics, perturb
+from divdistill_jax import (configlib, fileio, logging_utils, metrics, perturb,
+                            stages)
 
 COLUMNS = (("acc", "ACC", 2), ("nll", "NLL", 3), ("bs", "BS", 3),
            ("ece", "ECE", 3), ("cnll", "cNLL", 3), ("cbs", "cBS", 3),
@@ -148,41 +149,59 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def discover_students(workdir: str,
-                      order: list[str] | None = None) -> list[tuple[str, str]]:
-  """(method, run dir) of finished students under workdir/students.
+def finished_students(config: ml_collections.ConfigDict,
+                      workdir: str) -> list[tuple[str, str]]:
+  """(method, run dir) of the pipeline entries' finished students, in order.
 
-  The method is the one the run recorded (done.json), else the folder name.
-  Folders in `order` come first, in that order (the pipeline's entries),
-  then the paper's methods, then the rest by name.
+  Raises:
+    workdir.StageMismatch: a finished student of other settings than the
+      config's (stages.check_reusable).
   """
+  t_dir = stages.teacher_dir(workdir)
+  teacher_fp = stages.recorded_fingerprint(t_dir, "teachers")
+  out = []
+  entries = configlib.pipeline_entries(config)
+  for entry in entries:
+    run_dir = stages.student_dir(workdir, entry)
+    if not stages.finished(run_dir, entry):
+      logging_utils.log(f"   {entry}: not finished, no row")
+      continue
+    s_config = stages.stage_config(config, "distill", entry, t_dir)
+    stages.check_reusable(run_dir, entry, "student",
+                          stages.student_fields(s_config), teacher_fp)
+    out.append((s_config.perturb.method, run_dir))
   root = os.path.join(workdir, "students")
-  if not os.path.isdir(root):
-    return []
-  found = {name: os.path.join(root, name) for name in os.listdir(root)
-           if os.path.exists(os.path.join(root, name, "predictions.npz"))}
-  preferred = list(order or []) + list(configlib.known_methods())
-  order = list(dict.fromkeys(m for m in preferred if m in found))
-  order += sorted(set(found) - set(order))
-  return [(_done_info(found[name]).get("method", name), found[name])
-          for name in order]
+  known = {os.path.basename(stages.student_dir(workdir, e)) for e in entries}
+  others = sorted(set(os.listdir(root)) - known) if os.path.isdir(root) else []
+  if others:
+    logging_utils.log(f"   not in pipeline.methods, no row: {others}")
+  return out
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Builds, prints and writes the table of a pipeline workdir.
 
-  Writes `results.json` (rows as in the README's "Workdir layout"), `results.md`
-  and `plots/*.png`.
+  Only stages computed with this config's settings give rows (a finished
+  stage of other settings stops it with one line naming the fields); each
+  row records its stage's fingerprint. Writes `results.json` (rows as in
+  the README's "Workdir layout"), `results.md` and `plots/*.png`.
 
   Returns:
     The results dict.
   """
-  teacher_dir = os.path.join(workdir, "teachers")
+  workdir = os.path.realpath(os.path.abspath(workdir))
+  teacher_dir = stages.teacher_dir(workdir)
+  if not stages.finished(teacher_dir, stages.TEACHERS):
+    raise FileNotFoundError(
+        f"No finished teachers in {teacher_dir!r}: run the pipeline (or the "
+        "teachers job) with this --workdir first.")
+  stages.check_reusable(
+      teacher_dir, stages.TEACHERS, "teachers",
+      stages.teacher_fields(stages.stage_config(config, "teachers")))
+  teacher_fp = stages.recorded_fingerprint(teacher_dir, "teachers")
   teacher_preds = load_predictions(teacher_dir)
-  students, seconds, etas = [], {}, {}
-  entries = configlib.pipeline_entries(config)
-  for method, run_dir in discover_students(
-      workdir, [e.replace(":", "_") for e in entries]):
+  students, seconds, etas, prints = [], {}, {}, {}
+  for method, run_dir in finished_students(config, workdir):
     preds = load_predictions(run_dir)
     info = _done_info(run_dir)
     label = student_label(method, preds["test_probs"].shape[0],
@@ -192,13 +211,16 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
       students.append((row_label, row_preds))
       seconds[row_label] = info.get("seconds")
       etas[row_label] = info.get("step_size")
+      prints[row_label] = info.get("fingerprint")
   rows = build_rows(teacher_preds, students, num_bins=config.eval.ece_bins,
                     teacher_seconds=_done_info(teacher_dir).get("seconds"),
                     student_seconds=seconds, student_step_sizes=etas)
+  for row in rows:
+    row["fingerprint"] = prints.get(row["label"], teacher_fp)
   results = {"rows": rows, "config": json.loads(config.to_json_best_effort())}
   table = format_table(rows)
   fileio.write_json(os.path.join(workdir, "results.json"), results,
-                           indent=2)
+                    indent=2)
   fileio.write_text(os.path.join(workdir, "results.md"), table + "\n")
   try:
     from divdistill_jax import plots  # pylint: disable=g-import-not-at-top

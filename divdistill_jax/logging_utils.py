@@ -18,15 +18,21 @@ import numpy as np
 class MetricWriter:
   """Writes scalar dicts to TensorBoard event files and metrics.jsonl."""
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  def __init__(self, workdir: str, *, enabled: bool | None = None,
+               drop_after: int | None = None):
+    """`drop_after`: a resumed run's step; lines of later steps (written
+    before the interruption, to be replayed now) are dropped first."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._jsonl = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      path = os.path.join(workdir, "metrics.jsonl")
+      if os.path.exists(path):
+        _drop_lines_after(path, drop_after or 0)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._jsonl = open(path, "a")  # noqa: SIM115
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -42,6 +48,20 @@ class MetricWriter:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+  """Keeps the JSONL lines of steps <= `step` (and drops unreadable ones)."""
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):
+        pass
+  with open(path, "w") as f:
+    f.writelines(kept)
 
 
 class Progress:

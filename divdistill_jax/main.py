@@ -84,16 +84,35 @@ def _unknown_field_message(e: BaseException, argv: list[str]) -> str | None:
           + (f" {hint}" if hint else ""))
 
 
+def _last_line(text: str) -> str:
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  return lines[-1] if lines else text
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with one-line errors for config overrides."""
+  """absl flag parsing with one-line errors for the config flag.
+
+  Covers an override naming no field, a malformed value, a config file that
+  does not exist and an unknown variant (raised inside the config file).
+  """
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
+    FLAGS.config.to_dict()  # Loads the file now: its errors are flag errors.
+    return rest
   except (AttributeError, KeyError) as e:
     message = _unknown_field_message(e, argv)
     if message is None:
       raise
   except flags.Error as e:
-    message = str(e)
+    first = str(e).strip().splitlines()[0]
+    if "Error whilst parsing config file" in first:
+      # The config file raised: keep its message, drop the traceback.
+      reason = _last_line(str(e)).split(": ", 1)[-1]
+      message = f"{first.split(': Error whilst')[0]}: {reason}"
+    else:
+      message = first if len(str(e)) > 300 else str(e)
+  except OSError as e:
+    message = f"--config: cannot load the config file ({_last_line(str(e))})"
   print(f"divdistill: error: {message}", file=sys.stderr)
   sys.exit(1)
 

@@ -22,6 +22,7 @@ import optax
 
 from divdistill_jax import (augment, checkpointing, data, ensemble, losses,
                             models, optim, parallel, runtime, train)
+from divdistill_jax import workdir as workdir_lib
 
 
 class TeacherError(ValueError):
@@ -147,8 +148,13 @@ def train_teachers(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.parallel.num_devices)
   splits = runtime.load_splits(config)
   task = make_teacher_task(config, mesh, splits)
+  fields = workdir_lib.stage_fields(
+      json.loads(config.to_json_best_effort()), "teachers")
   return train.run(task, workdir=workdir, config=config, mesh=mesh,
-                   splits=splits)
+                   splits=splits,
+                   summary_extra={"stage_fields": fields,
+                                  "fingerprint": workdir_lib.fingerprint(
+                                      fields)})
 
 
 def load_teachers(config: ml_collections.ConfigDict, teacher_dir: str | None):
@@ -196,9 +202,11 @@ def load_teachers(config: ml_collections.ConfigDict, teacher_dir: str | None):
   try:
     variables = checkpointing.load_variables(best)
   except Exception as e:  # pylint: disable=broad-except
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
     raise TeacherError(
-        f"Could not read the teacher checkpoint {best!r} ({e}). It may be "
-        "corrupted: retrain the teachers.") from e
+        f"Could not read the teacher checkpoint {best!r} ({reason}). It may "
+        "be damaged: retrain the teachers (or recompute them with "
+        "--config.pipeline.recompute=teachers).") from None
   expected = jax.tree.map(lambda s: s.shape, target)
   found = jax.tree.map(lambda a: a.shape, variables)
   if expected != found:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -33,6 +34,9 @@ PyTree = Any
 # Config fields that may change between a run and its resumption.
 _RESUMABLE_FIELDS = ("logging", "checkpoint", "compile_cache_dir",
                      "stop_after_step", "job", "pipeline", "parallel")
+# Where the inputs live is not what the run computes: a moved or copied
+# workdir, or another spelling of a path, resumes.
+_PATH_FIELDS = ("data.data_dir", "teacher.workdir")
 
 
 @flax.struct.dataclass
@@ -140,6 +144,8 @@ def config_differences(saved: dict, current: dict,
     if not prefix and key in _RESUMABLE_FIELDS:
       continue
     path = prefix + key
+    if path in _PATH_FIELDS:
+      continue
     default = defaults.get(key) if isinstance(defaults, dict) else None
     if key not in current:
       out.append(path)
@@ -232,22 +238,10 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
   """
   os.makedirs(workdir, exist_ok=True)
   cfg_json = config_json(config)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    keep=config.checkpoint.keep)
-  state = task.state
-  start = ckpt.latest_step()
-  earlier_seconds = 0.0  # Training time of the processes before a resume.
+  ckpt, state, start, meta = _restore_latest(task, workdir, config, cfg_json)
+  # Training time of the processes before a resume.
+  earlier_seconds = meta.get("seconds", 0.0)
   if start is not None:
-    meta = ckpt.restore_meta(start)
-    differences = config_differences(meta.get("config", {}), cfg_json)
-    if differences and not config.checkpoint.allow_config_change:
-      raise ValueError(
-          f"{workdir!r} holds a run of a different config (fields "
-          f"{', '.join(differences[:6])}; see its config.json). Use a new "
-          "--workdir, or set --config.checkpoint.allow_config_change=True "
-          "to continue anyway.")
-    state, _ = ckpt.restore(start, state)
-    earlier_seconds = meta.get("seconds", 0.0)
     logging_utils.log(f"[{task.name}] resumed from step {start} in {workdir}")
   start = start or 0
   if jax.process_index() == 0:
@@ -257,7 +251,7 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
   total = task.steps_per_epoch * task.epochs
   stop_at = total if config.stop_after_step is None else min(
       total, config.stop_after_step)
-  writer = logging_utils.MetricWriter(workdir)
+  writer = logging_utils.MetricWriter(workdir, drop_after=start)
   progress = logging_utils.Progress(
       total, start, task.name, task.images_per_step,
       enabled=config.logging.progress_bar)
@@ -303,6 +297,60 @@ def run(task: Task, *, workdir: str, config: ml_collections.ConfigDict,
     return {"stopped_at_step": stop_at}
   return _finish(task, state, workdir, mesh, config, splits,
                  earlier_seconds + time.time() - t0, summary_extra or {})
+
+
+def _restore_latest(task, workdir, config, cfg_json):
+  """The newest readable checkpoint: (checkpointer, state, step, meta).
+
+  A checkpoint that cannot be read is moved to `checkpoints.damaged/` with
+  one line and the previous one is tried; none at all is a fresh start.
+
+  Raises:
+    ValueError: the workdir holds a run of a different config, or every
+      checkpoint it had is damaged.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  damaged = os.path.join(workdir, "checkpoints.damaged")
+  moved = []
+  while True:
+    ckpt = checkpointing.Checkpointer(directory, keep=config.checkpoint.keep)
+    step = ckpt.latest_step()
+    if step is None:
+      if moved:
+        raise ValueError(
+            f"No readable checkpoint is left in {directory!r} (damaged: "
+            f"steps {moved}, moved to {damaged!r}). Delete {workdir!r} (or "
+            "use another --workdir) to train this stage from scratch.")
+      return ckpt, task.state, None, {}
+    try:
+      meta = ckpt.restore_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      problem = e
+    else:
+      differences = config_differences(meta.get("config", {}), cfg_json)
+      if differences and not config.checkpoint.allow_config_change:
+        raise ValueError(
+            f"{workdir!r} holds a run of a different config (fields "
+            f"{', '.join(differences[:6])}; see its config.json). Use a new "
+            "--workdir, or set --config.checkpoint.allow_config_change=True "
+            "to continue anyway.")
+      try:
+        state, _ = ckpt.restore(step, task.state)
+        return ckpt, state, step, meta
+      except Exception as e:  # pylint: disable=broad-except
+        problem = e
+    ckpt.close()
+    reason = (str(problem).strip().splitlines()
+              or [type(problem).__name__])[0][:160]
+    os.makedirs(damaged, exist_ok=True)
+    target = os.path.join(damaged, str(step))
+    if os.path.exists(target):
+      target += f".{int(time.time())}"
+    shutil.move(os.path.join(directory, str(step)), target)
+    moved.append(step)
+    logging_utils.log(f"[{task.name}] checkpoint of step {step} is damaged "
+                      f"({type(problem).__name__}: {reason}); moved to "
+                      f"{target}, trying the previous one")
 
 
 def _validate(task, state, epoch, mesh, config, writer, val_images,

@@ -335,6 +335,7 @@ def main(argv=None) -> dict:
                                  *(argv if argv is not None
                                    else sys.argv[1:])])}
   rows = []
+  os.makedirs(args.out, exist_ok=True)
   for case in cases:
     if case.devices and case.devices > jax.device_count():
       continue
@@ -343,15 +344,22 @@ def main(argv=None) -> dict:
     print(json.dumps({k: row[k] for k in row if k in (
         "name", "dtype", "ms_per_step", "gflop_per_image", "tflops")}),
         flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  result = {"header": header, "rows": rows}
-  with open(os.path.join(args.out, "benchmark.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  text = markdown(rows, header)
-  with open(os.path.join(args.out, "benchmark.md"), "w") as f:
-    f.write(text)
+    # After every case: an interrupted or partly failed run keeps what it
+    # measured.
+    text = _write(args.out, header, rows)
+  text = _write(args.out, header, rows)
   print(text)
-  return result
+  return {"header": header, "rows": rows}
+
+
+def _write(out: str, header: dict, rows: list[dict]) -> str:
+  """benchmark.json and benchmark.md of the rows so far (atomic writes)."""
+  from divdistill_jax import fileio  # pylint: disable=g-import-not-at-top
+  fileio.write_json(os.path.join(out, "benchmark.json"),
+                    {"header": header, "rows": rows}, indent=2)
+  text = markdown(rows, header)
+  fileio.write_text(os.path.join(out, "benchmark.md"), text)
+  return text
 
 
 if __name__ == "__main__":

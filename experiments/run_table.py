@@ -111,8 +111,11 @@ def main(argv):
   family = expected.get(FLAGS.family, {"rows": {}})
   prefix = next((label.split(" ")[0] for label in results
                  if label.startswith(("BE-", "Single"))), "BE-4")
-  print(f"{FLAGS.family}: {len(workdirs)} seed(s). Expected: "
-        f"{expected['_source']}\n")
+  source = family.get("_source", expected["_source"] if family["rows"]
+                     else None)
+  print(f"{FLAGS.family}: {len(workdirs)} seed(s). "
+        + (f"Expected: {source}\n" if source
+           else "No expected numbers for this family.\n"))
   print(table(results, family["rows"]))
   print("\nRelational checks (the paper's claims):")
   print("\n".join(relational(results, expected["relational_checks"], prefix))

@@ -432,6 +432,9 @@ def main(argv):
                       f" KL {row['kl']:.3f} ({time.time() - start:.0f} s "
                       "since start)", flush=True)
   rows = load_rows(root)
+  if not rows:
+    raise SystemExit(f"study: no finished rows (row.json) under {root!r}; "
+                     "nothing to summarise.")
   text = summarise(rows)
   print(text)
   if FLAGS.out:

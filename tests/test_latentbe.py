@@ -185,14 +185,12 @@ def test_latentbe_student_job_writes_merged_rows(smoke_pipeline, tmp_path):
                     "LatentBE-2 (merged, BN re-estimated)"]
 
 
-def test_followup_pipeline_rows(smoke_pipeline, tmp_path):
+def test_followup_pipeline_rows(tmp_path):
   """The follow-up config's pipeline (smoke, on Fashion-MNIST): a single
   KD student, LatentBE with KD and with TDiv-SDiv, merged rows."""
-  import shutil
   from divdistill_jax import jobs
   workdir = tmp_path / "followup"
-  # Any finished teachers serve: reuse the session's (the stage is skipped).
-  shutil.copytree(smoke_pipeline.teachers, workdir / "teachers")
+  # Its own teachers: a finished stage of another config is not reused.
   config = load_config("cifar100_wrn28x4", "smoke",
                        **{"data.name": "fashion_mnist",
                           "logging.progress_bar": False})

@@ -1,6 +1,7 @@
 """Metrics against straightforward numpy references (docs/SOURCES.md,
 Metrics)."""
 
+import json
 import os
 
 import numpy as np
@@ -173,8 +174,17 @@ def test_table_rows_from_synthetic_prediction_files(tmp_path):
   student.mkdir(parents=True)
   np.savez(student / "predictions.npz", validation_probs=tv[:, :, ::-1],
            validation_labels=lv, test_probs=tt[:2], test_labels=lt)
+  (student / "done.json").write_text("{}")
   from conftest import load_config
-  config = load_config("quickstart", "evaluate")
+
+  from divdistill_jax import stages
+  config = load_config("quickstart", "evaluate",
+                       **{"pipeline.methods": "ods"})
+  # The runs' own records of the settings they were computed with.
+  (teachers / "config.json").write_text(json.dumps(stages.as_json(
+      stages.stage_config(config, "teachers"))))
+  (student / "config.json").write_text(json.dumps(stages.as_json(
+      stages.stage_config(config, "distill", "ods", str(teachers)))))
   results = evaluate.evaluate_workdir(config, str(tmp_path))
   rows = {r["label"]: r for r in results["rows"]}
   assert list(rows) == ["DE-1", "DE-2", "DE-3", "DE-4", "BE-2 KD+ODS"]
