@@ -165,11 +165,21 @@ def calibratable(method: str) -> bool:
 
 
 def load(teacher_dir: str) -> dict | None:
+  """The saved calibration, or None (missing; damaged: said in one line and
+  then computed again)."""
   path = os.path.join(teacher_dir, FILENAME)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    if {"settings", "methods"} <= set(record):
+      return record
+  except (OSError, ValueError, TypeError):
+    pass
+  logging_utils.log(f"   {path} is damaged: the calibration is computed "
+                    "again")
+  return None
 
 
 def ensure(config: ml_collections.ConfigDict, teacher_dir: str, teacher_model,
