@@ -68,3 +68,14 @@ def test_one_seed_has_no_standard_error():
   rows = [_row(0, "kd", 0.6, 0.2), _row(0, "ods", 0.65, 0.25, "1.0")]
   cols = _columns(study.summarise(rows), "ods")
   assert cols["NLL"] == "0.650" and cols["dNLL vs KD"] == "0.050"
+
+
+def test_collect_only_on_an_empty_workdir_says_so(tmp_path):
+  import subprocess
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "study.py"),
+       f"--workdir={tmp_path}", "--collect_only", f"--out={tmp_path / 'o'}"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "no finished rows" in proc.stderr
+  assert not (tmp_path / "o" / "summary.md").exists()
