@@ -93,6 +93,34 @@ MUTANTS = {
         "group_size=None)",
         "tests/test_train.py::"
         "test_figure1_sets_draw_per_batchnorm_group_like_training"),
+    "student BatchNorm ignores student.bn_group_size": _one(
+        "divdistill_jax/distill.py", "make_student_task",
+        "student = Student(config, scfg.bn_group_size)",
+        "student = Student(config, None)", *STEP_TESTS),
+    "fused pass with one group per pass although groups are set": _one(
+        "divdistill_jax/distill.py", "make_student_task",
+        "fused = Student(config, scfg.bn_group_size or batch)",
+        "fused = Student(config, batch)", *STEP_TESTS),
+    "kd.clean_pass does not reach the step": _one(
+        STEP, "StepSpec.from_config",
+        "clean_pass=config.kd.clean_pass", "clean_pass=True", *STEP_TESTS),
+    "calibration batches ignore the BatchNorm groups": _one(
+        "divdistill_jax/analysis.py", "batch_size_for_groups",
+        "if group_size is None or batch_size % group_size == 0:",
+        "if True:",
+        "tests/test_calibrate.py::"
+        "test_calibration_draws_ods_per_batchnorm_group_like_training"),
+    "LatentBE fast weights drawn with fast_init_std": _one(
+        "divdistill_jax/student.py", "Student.__init__",
+        "fast_init_std=0.0 if latent else config.student.fast_init_std",
+        "fast_init_std=config.student.fast_init_std",
+        "tests/test_latentbe.py::"
+        "test_latentbe_fast_weights_start_at_one_whatever_the_init_std"),
+    "a calibration of zero examples passes validation": _one(
+        "divdistill_jax/configlib.py", "validate",
+        "if config.perturb.auto_num_examples < 1:",
+        "if config.perturb.auto_num_examples < 0:",
+        "tests/test_configs.py::test_validate_names_the_field"),
     "every teacher member on the same data order": _one(
         "divdistill_jax/teachers.py", "make_teacher_task",
         "stream=member)", "stream=0)",

@@ -67,6 +67,17 @@ def notebook_config():
   return config
 
 
+def grouped_config(arg: str = "pipeline,smoke", devices: int | None = None,
+                   **overrides):
+  """The smoke config with the CIFAR-100 recipe's per-GPU structure:
+  BatchNorm groups of 16 teacher images and 8 student images (x members)
+  and one ODS draw per student group; `devices` a mesh size."""
+  return load_config("quickstart", arg, **{
+      "teacher.bn_group_size": 16, "student.bn_group_size": 8,
+      "parallel.num_devices": devices, "logging.progress_bar": False,
+      **overrides})
+
+
 class SharedRun:
   """A workdir built once per test session, shared by the xdist workers.
 

@@ -11,6 +11,8 @@ their validation KL exactly at eta = v; ConfODS scales the step by the
 clean confidence 1/2, so it needs eta = 2 v.
 """
 
+import dataclasses
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,3 +137,42 @@ def test_saved_calibration_is_reused_and_redone_when_settings_change(
   fixed = _config(**{"perturb.step_size": 3.5})
   assert calibrate.resolve(fixed, str(tmp_path), None, None,
                            None).perturb.step_size == 3.5
+
+
+def test_calibration_draws_ods_per_batchnorm_group_like_training():
+  """With student BatchNorm groups the calibration perturbs in batches of
+  whole groups and draws one ODS member per group: its KL-vs-eta curve is
+  the teachers' KL on images perturbed exactly as the training step's
+  options do (batches of 8 = two groups of 4, keys as the calibration
+  folds them)."""
+  from divdistill_jax import ensemble, perturb, teachers as teachers_lib
+  from divdistill_jax.step import StepSpec
+  config = load_config("quickstart", "ods,smoke",
+                       **{"student.bn_group_size": 4})
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (16, 28, 28, 1), np.uint8)
+  splits = {"train": (images, np.zeros(16, np.int32)),
+            "validation": (images[::-1], np.zeros(16, np.int32))}
+  model = teachers_lib.build_teacher_model(config)
+  variables = ensemble.init_members(model, jax.random.key(0), 2,
+                                    jnp.zeros((1, 28, 28, 1)))
+  out = calibrate.calibrate(config, model, variables, splits, ["ods"],
+                            num_examples=16, batch_size=10)
+  curve = out["methods"]["ods"]["curve"]
+  eta = 8.0
+  options = dataclasses.replace(StepSpec.from_config(config).perturb,
+                                step_size=eta)
+  assert options.group_size == 4
+  context = perturb.Context(ensemble.member_fn(model), variables)
+  key = jax.random.fold_in(jax.random.key(config.seed), 17)
+  x = jnp.asarray(images, jnp.float32) / 255
+  x_pert = jnp.concatenate([perturb.apply(
+      "ods", jax.random.fold_in(key, i), x[i:i + 8], context, options)
+      for i in (0, 8)])
+  probs = np.stack([np.asarray(jax.nn.softmax(model.apply(
+      jax.tree.map(lambda a, m=m: a[m], variables), x_pert, train=False)))
+                    for m in range(2)]).astype(np.float64)
+  kl = ((probs[0] * np.log(probs[0] / probs[1])).sum(-1)
+        + (probs[1] * np.log(probs[1] / probs[0])).sum(-1)).mean() / 2
+  got = curve["kl"][curve["eta"].index(eta)]
+  assert got == pytest.approx(kl, rel=1e-3)

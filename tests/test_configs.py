@@ -113,6 +113,10 @@ def test_unknown_key_and_wrong_type_fail():
     ("perturb.step_size", -1.0, "perturb.step_size"),
     ("perturb.step_size", "big", "perturb.step_size"),
     ("perturb.auto_target_ratio", 0.0, "perturb.auto_target_ratio"),
+    ("perturb.auto_num_examples", 0, "perturb.auto_num_examples"),
+    ("kd.temperature", float("nan"), "kd.temperature"),
+    ("student.optim.learning_rate", float("inf"), "finite"),
+    ("pipeline.recompute", "teacher", "pipeline.recompute"),
     ("perturb.num_steps", 0, "perturb.num_steps"),
     ("kd.clean_pass", False, "kd.clean_pass"),
     ("student.bn_group_size", 7, "student.bn_group_size"),
@@ -148,6 +152,8 @@ def test_valid_edge_values_pass():
   config.perturb.step_size = 0  # No perturbation: allowed.
   config.kd.alpha = 1.0
   config.student.bn_group_size = 25
+  config.perturb.auto_num_examples = 1  # The smallest calibration set.
+  config.pipeline.recompute = "teachers,kd"
   configlib.validate(config)
 
 

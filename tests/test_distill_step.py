@@ -5,8 +5,11 @@ per-member references in test_models) and the perturbation functions
 (tested against analytic gradients in test_perturb) with the code under
 test. It rebuilds everything the step itself decides: which key draws what,
 which images the teachers see, the clean -> perturbed BatchNorm threading,
-which pass gets CE and which KD, the loss weights, the member pairing, and
-PyTorch-style SGD with coupled L2 and a fast-weight group, by hand.
+the per-GPU BatchNorm groups and ODS draws (formed here, group by group,
+with an ungrouped network), which pass gets CE and which KD, the loss
+weights, the member pairing, and PyTorch-style SGD with coupled L2 and a
+fast-weight group, by hand. The step under test is built from a config by
+`distill.make_student_task`, so every config field it reads is covered.
 """
 
 import functools
@@ -17,8 +20,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from divdistill_jax import ensemble, models, optim, perturb, train
-from divdistill_jax.step import StepSpec, student_train_step
+from divdistill_jax import distill, ensemble, models, parallel, perturb
 from divdistill_jax.student import Student
 
 M, B, HW, K = 2, 8, 8, 10
@@ -69,18 +71,27 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
     return student_model.apply(v, jnp.broadcast_to(inputs, (M, *inputs.shape)),
                                 train=False)
 
+  def perturbed(key, x):
+    return perturb.perturb(method, key, x, teacher_fn, teacher_vars,
+                           step_size=ETA, temperature=TEMP,
+                           num_steps=num_ascent,
+                           confidence_scaled=confidence_scaled,
+                           student_fn=student_fn,
+                           student_variables={"params": params,
+                                              "batch_stats": stats})
+
   for step in range(NUM_STEPS):
     key = jax.random.fold_in(base_key, step)
     _, perturb_key = jax.random.split(key)
     x = jnp.asarray(images[step], jnp.float32) / 255.0  # No augmentation.
-    # The student as it is before this step's update.
-    x_kd = perturb.perturb(method, perturb_key, x, teacher_fn, teacher_vars,
-                           step_size=ETA, temperature=TEMP,
-                           num_steps=num_ascent,
-                           confidence_scaled=confidence_scaled,
-                           group_size=group, student_fn=student_fn,
-                           student_variables={"params": params,
-                                              "batch_stats": stats})
+    # The student as it is before this step's update. ODS draws once per
+    # group (official GPU): group i with split(key, B / group)[i].
+    if group is not None and method in ("ods", "confods"):
+      keys = jax.random.split(perturb_key, B // group)
+      x_kd = jnp.concatenate([perturbed(keys[i], x[i * group:(i + 1) * group])
+                              for i in range(B // group)])
+    else:
+      x_kd = perturbed(perturb_key, x)
     if method == "kd":
       np.testing.assert_array_equal(x_kd, x)
     # Teachers on the perturbed images, one member at a time.
@@ -91,12 +102,24 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
     targets = t_probs if pairing == "member" else np.broadcast_to(
         t_probs.mean(0), t_probs.shape)
 
-    def apply(p, s, inputs):
+    def apply_one(p, s, inputs):
       logits, new = student_model.apply(
           {"params": p, "batch_stats": s},
           jnp.broadcast_to(inputs, (M, *inputs.shape)), train=True,
           mutable=["batch_stats"])
       return logits, new["batch_stats"]
+
+    def apply(p, s, inputs):
+      """Train mode; with groups, each group of images (all M copies) is
+      normalised alone and the running statistics move by the mean of the
+      groups' updates."""
+      if group is None:
+        return apply_one(p, s, inputs)
+      outs = [apply_one(p, s, inputs[i:i + group])
+              for i in range(0, len(inputs), group)]
+      logits = jnp.concatenate([o[0] for o in outs], axis=1)
+      new = jax.tree.map(lambda *a: sum(a) / len(a), *[o[1] for o in outs])
+      return logits, new
 
     @jax.jit
     @functools.partial(jax.grad, has_aux=True)
@@ -162,46 +185,57 @@ CASES = [
     ("disagreement", "member", False, 2, True, None, True),
     ("confods", "member", True, 1, False, None, True),
     ("ods", "mean", False, 1, False, None, True),
-    # Per-GPU groups: ghost BatchNorm and one ODS draw per 4 images.
+    # Per-GPU groups: ghost BatchNorm and one ODS draw per 4 images, with
+    # two passes and fused (one pass, the same groups).
     ("confods", "member", False, 1, False, 4, True),
+    ("ods", "member", True, 1, False, 4, True),
     # The ICML 2022 recipe: TDiv-SDiv through the current student, alpha = 1
     # and only the perturbed pass.
     ("tdiv_sdiv", "member", False, 1, False, None, False),
 ]
 
 
-@pytest.mark.parametrize("method,pairing,fused,num_ascent,conf,group,clean",
-                         CASES)
+# (..., devices): the grouped ConfODS case again on a 2-device mesh (one
+# BatchNorm group and one ODS draw per device, as on the official GPUs).
+DEVICE_CASES = [(*c, 1) for c in CASES] + [
+    ("confods", "member", False, 1, False, 4, True, 2)]
+
+
+@pytest.mark.parametrize(
+    "method,pairing,fused,num_ascent,conf,group,clean,devices", DEVICE_CASES)
 def test_student_step_matches_reference(method, pairing, fused, num_ascent,
-                                        conf, group, clean):
+                                        conf, group, clean, devices):
   alpha = ALPHA if clean else 1.0
-  config, teacher_model, teacher_vars, images, labels = _setup(pairing)
-  student = Student(config, group)
-  variables = student.init(jax.random.key(2), jnp.zeros((1, HW, HW, 1)))
-  # A large weight decay so that its groups are visible at float32.
-  tx = optim.make_optimizer(steps_per_epoch=10, total_epochs=5,
-                            learning_rate=LR, fast_learning_rate=FAST_LR,
-                            weight_decay=WD, momentum=MOMENTUM,
-                            schedule="constant")
-  state = train.new_state(variables["params"], variables["batch_stats"],
-                          tx.init(variables["params"]), num_selected=1)
-  spec = StepSpec(
-      method=method, perturb=perturb.Options(
-          step_size=ETA, temperature=TEMP, num_steps=num_ascent,
-          confidence_scaled=conf, strategy="unroll", group_size=group),
-      alpha=alpha, temperature=TEMP, pairing=pairing, clean_pass=clean)
-  step = jax.jit(lambda s, x, y, k, tv: student_train_step(
-      s, x, y, k, tv, student=student,
-      fused=Student(config, B) if fused else None,
-      teacher_model=teacher_model, tx=tx, spec=spec))
+  _, teacher_model, teacher_vars, images, labels = _setup(pairing)
+  # Every option through the config, as a user sets it. A large weight
+  # decay so that its groups are visible at float32.
+  config = load_config("quickstart", f"{method},smoke", **{
+      "student.pairing": pairing, "model.name": "resnet2_w4",
+      "student.batch_size": B, "student.bn_group_size": group,
+      "student.fused_passes": fused, "kd.alpha": alpha, "kd.clean_pass": clean,
+      "kd.temperature": TEMP, "perturb.step_size": ETA,
+      "perturb.num_steps": num_ascent, "perturb.confidence_scaled": conf,
+      "data.crop_padding": 0, "data.flip": False,
+      "student.optim.learning_rate": LR,
+      "student.optim.fast_learning_rate": FAST_LR,
+      "student.optim.weight_decay": WD, "student.optim.momentum": MOMENTUM,
+      "student.optim.schedule": "constant"})
+  splits = {"train": (images.reshape(-1, HW, HW, 1), labels.reshape(-1))}
+  task = distill.make_student_task(config, parallel.make_mesh(devices),
+                                   splits, teacher_model, teacher_vars)
+  state = task.state
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = jax.tree.map(np.asarray, variables)
   base_key = jax.random.key(7)
   got_metrics = []
   for i in range(NUM_STEPS):
-    state, metrics = step(state, images[i], labels[i], base_key, teacher_vars)
+    state, metrics = task.train_step(state, images[i], labels[i], base_key)
     got_metrics.append(jax.tree.map(float, metrics))
 
+  # The reference's network has no groups: it forms them itself.
+  ungrouped = Student(config, None).model
   want_params, want_stats, want_metrics = _reference_run(
-      student.model, variables, teacher_model, teacher_vars, images, labels,
+      ungrouped, variables, teacher_model, teacher_vars, images, labels,
       base_key, method=method, pairing=pairing, fused=fused,
       num_ascent=num_ascent, confidence_scaled=conf, group=group,
       alpha=alpha, clean_pass=clean)

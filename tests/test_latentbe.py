@@ -207,3 +207,22 @@ def test_followup_pipeline_rows(tmp_path):
   assert rows["LatentBE-2 KD+TDiv-SDiv"]["step_size"] == 1.0
   assert sorted(os.listdir(workdir / "students")) == [
       "kd", "single_kd", "tdiv_sdiv"]
+
+
+def test_latentbe_fast_weights_start_at_one_whatever_the_init_std():
+  """student.kind = latentbe overrides fast_init_std: identical members."""
+  sample = jnp.zeros((1, 28, 28, 1))
+
+  def fast_leaves(kind):
+    config = load_config("quickstart", "kd,smoke",
+                         **{"student.kind": kind,
+                            "student.fast_init_std": 0.5})
+    params = Student(config).init(jax.random.key(0), sample)["params"]
+    return [np.asarray(leaf) for path, leaf in
+            jax.tree_util.tree_leaves_with_path(params)
+            if "fast_" in jax.tree_util.keystr(path)]
+
+  latent = fast_leaves("latentbe")
+  assert latent and all(np.all(leaf == 1.0) for leaf in latent)
+  # The same std draws them for a BatchEnsemble student.
+  assert any(np.std(leaf) > 0.1 for leaf in fast_leaves("batchensemble"))
