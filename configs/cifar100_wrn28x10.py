@@ -32,6 +32,7 @@ one large device would do). `ghostbn` is accepted and means the default.
 from divdistill_jax import configlib
 
 # Images per official GPU: 256 / 4 teacher images, 64 / 4 student images.
+GPUS = 4
 TEACHER_IMAGES_PER_GPU = 64
 STUDENT_IMAGES_PER_GPU = 16
 
@@ -45,6 +46,10 @@ def get_config(arg=None):
   config = configlib.base_config()
   config.data.name = "cifar100"
   config.model.name = "wrn28x10"
+  # Every epoch as the official 4-GPU runs: ceil(N / B) steps, each GPU's
+  # last batch partial (176 teacher, 704 student steps per epoch).
+  config.data.drop_remainder = False
+  config.data.sampler_replicas = GPUS
 
   config.teacher.ensemble_size = 4
   config.teacher.batch_size = 256

@@ -20,6 +20,9 @@ from divdistill_jax import configlib
 
 def get_config(arg=None):
   config = configlib.base_config()
+  # ceil(N / B) steps per epoch with a partial last batch, as the official
+  # PyTorch loader (drop_last=False; one GPU assumed).
+  config.data.drop_remainder = False
   config.data.name = "tinyimagenet"
   config.data.crop_padding = 8
   config.model.name = "wrn16x4"

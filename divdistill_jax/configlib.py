@@ -70,6 +70,14 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+def model_options(config: ml_collections.ConfigDict) -> dict:
+  """The config's initialisation and BatchNorm options for
+  `models.get_model`."""
+  return {"kernel_init": config.model.kernel_init,
+          "bias_init": config.model.classifier_bias_init,
+          "bn_running_var": config.model.bn_running_var}
+
+
 def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`get_config(arg)` of a config file, as `--config=path:arg` would give.
 
@@ -99,12 +107,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_size = -1
   c.data.crop_padding = 4
   c.data.flip = True
+  # True: every epoch is floor(N / B) full batches (one compiled shape).
+  # False: ceil steps with a partial last batch, as the official PyTorch
+  # runs' DistributedSampler over `sampler_replicas` GPUs with drop_last =
+  # False (each GPU's last batch partial; its BatchNorm group and ODS draw
+  # follow it).
+  c.data.drop_remainder = True
+  c.data.sampler_replicas = 1
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet20"
   c.model.dtype = "float32"  # 'bfloat16': bf16 compute, fp32 params/stats.
   # How M teacher members run: 'unroll' (loop inside jit) or 'vmap'.
   c.model.ensemble_strategy = "unroll"
+  # Initialisation and BatchNorm of the recipe's code: the NeurIPS 2021
+  # PyTorch code ('fan_out_normal', 'uniform', 'unbiased') or the ICML 2022
+  # follow-up's giung2-jax ('fan_in_truncated', 'zeros', 'biased').
+  c.model.kernel_init = "fan_out_normal"
+  c.model.classifier_bias_init = "uniform"
+  c.model.bn_running_var = "unbiased"
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.ensemble_size = 4
@@ -129,6 +150,13 @@ def base_config() -> ml_collections.ConfigDict:
   # the training images (an extra table row; the follow-up does not).
   c.student.merge_bn_reestimate = False
   c.student.pairing = "member"  # 'member' (official) | 'mean'.
+  # Which validation accuracy keeps the best checkpoint: the members' mean
+  # (NeurIPS 2021) or, for LatentBE students, the merged network's (rule
+  # 'sb', as the follow-up's training script validates).
+  c.student.selection = "members"
+  # LatentBE: the merged network of the table's headline "(merged)" row;
+  # the other bias rule gets a row named for it.
+  c.student.merged_headline = "sb"
   c.student.batch_size = 128  # Global images; each is tiled M times.
   c.student.epochs = 250
   c.student.fast_init_std = 0.5
@@ -261,6 +289,11 @@ _CHOICES = {
     "perturb.norm": ("l2", "linf"),
     "student.pairing": ("member", "mean"),
     "student.kind": ("batchensemble", "latentbe"),
+    "student.selection": ("members", "merged"),
+    "student.merged_headline": ("sb", "b"),
+    "model.kernel_init": ("fan_out_normal", "fan_in_truncated"),
+    "model.classifier_bias_init": ("uniform", "zeros"),
+    "model.bn_running_var": ("unbiased", "biased"),
     "model.dtype": ("float32", "bfloat16"),
     "model.ensemble_strategy": ("unroll", "vmap"),
     "eval.schedule": ("every", "official"),
@@ -298,7 +331,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "student.batch_size", "teacher.epochs", "student.epochs",
       "perturb.num_steps", "eval.batch_size", "checkpoint.every_steps",
       "checkpoint.keep", "logging.every_steps", "teacher.eval_every_epochs",
-      "student.eval_every_epochs",
+      "student.eval_every_epochs", "data.sampler_replicas",
   )
   for field in positive:
     value = _get(config, field)
@@ -314,6 +347,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value != -1 and value < 1:
       raise ValueError(
           f"config.{field} must be -1 (all) or >= 1, got {value}.")
+  replicas = config.data.sampler_replicas
   for who in ("teacher", "student"):
     _validate_optim(config[who].optim, f"{who}.optim")
     group, batch = config[who].bn_group_size, config[who].batch_size
@@ -321,6 +355,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(
           f"config.{who}.bn_group_size = {group} must be >= 1 and divide "
           f"config.{who}.batch_size = {batch}.")
+    if not config.data.drop_remainder:
+      if batch % replicas:
+        raise ValueError(
+            f"config.{who}.batch_size = {batch} must be a multiple of "
+            f"config.data.sampler_replicas = {replicas}.")
+      if group is not None and group != batch // replicas:
+        raise ValueError(
+            f"config.{who}.bn_group_size = {group}: with a partial last "
+            "batch (config.data.drop_remainder = False) a BatchNorm group "
+            f"is one replica's batch, {batch // replicas}, or None.")
   if config.student.kind == "latentbe" and config.student.ensemble_size < 2:
     raise ValueError("config.student.kind = 'latentbe' needs "
                      "config.student.ensemble_size >= 2.")

@@ -385,30 +385,69 @@ def epoch_permutation(seed: int, epoch: int, n: int, stream: int = 0):
   return np.random.default_rng([seed, stream, epoch]).permutation(n)
 
 
-def steps_per_epoch(n: int, batch_size: int,
-                    field: str = "batch size") -> int:
-  """Full batches per epoch; the incomplete last batch is dropped.
+def steps_per_epoch(n: int, batch_size: int, field: str = "batch size", *,
+                    replicas: int = 1, drop_remainder: bool = True) -> int:
+  """Steps per epoch.
+
+  With `drop_remainder` the `n // batch_size` full batches (every step one
+  shape). Without it, as PyTorch's DistributedSampler over `replicas` GPUs
+  with `drop_last=False` (the official NeurIPS 2021 runs): each replica
+  gets ceil(n / replicas) indices and takes batches of batch_size /
+  replicas, the last one partial: ceil(ceil(n / R) / (batch_size / R))
+  steps.
 
   Raises:
-    ValueError: naming `field` when the batch exceeds the `n` examples.
+    ValueError: naming `field` when the batch exceeds the `n` examples or
+      the replicas do not divide it.
   """
-  steps = n // batch_size
-  if steps == 0:
-    raise ValueError(
-        f"{field}={batch_size} exceeds the {n} training images.")
-  return steps
+  if drop_remainder:
+    steps = n // batch_size
+    if steps == 0:
+      raise ValueError(
+          f"{field}={batch_size} exceeds the {n} training images.")
+    return steps
+  if replicas < 1 or batch_size % replicas:
+    raise ValueError(f"{field}={batch_size} is not divisible by the "
+                     f"{replicas} sampler replicas.")
+  per_replica = -(-n // replicas)
+  return -(-per_replica // (batch_size // replicas))
+
+
+def last_batch_size(n: int, batch_size: int, *, replicas: int = 1,
+                    drop_remainder: bool = True) -> int:
+  """Images in an epoch's last step (`batch_size` unless it is partial)."""
+  if drop_remainder:
+    return batch_size
+  per_replica = -(-n // replicas)
+  local = batch_size // replicas
+  steps = steps_per_epoch(n, batch_size, replicas=replicas,
+                          drop_remainder=False)
+  return replicas * (per_replica - (steps - 1) * local)
 
 
 def batch_indices(seed: int, step: int, n: int, batch_size: int,
-                  stream: int = 0) -> np.ndarray:
+                  stream: int = 0, *, replicas: int = 1,
+                  drop_remainder: bool = True) -> np.ndarray:
   """Indices of the global batch at `step` (0-indexed); resumable anywhere.
 
-  Each epoch uses `n // batch_size` full batches of a fresh permutation (the
-  last incomplete batch is dropped so every step has one shape).
+  With `drop_remainder` each epoch uses `n // batch_size` full batches of a
+  fresh permutation. Without it the epoch's permutation is split as
+  PyTorch's DistributedSampler does: padded with its own first indices to a
+  multiple of `replicas`, replica r takes every R-th index from r, and the
+  global batch is the replicas' batches in order (replica r's images are
+  the r-th contiguous block: its BatchNorm group); the last one is partial.
   """
-  epoch, i = divmod(step, steps_per_epoch(n, batch_size))
+  steps = steps_per_epoch(n, batch_size, replicas=replicas,
+                          drop_remainder=drop_remainder)
+  epoch, i = divmod(step, steps)
   perm = epoch_permutation(seed, epoch, n, stream)
-  return perm[i * batch_size:(i + 1) * batch_size]
+  if drop_remainder:
+    return perm[i * batch_size:(i + 1) * batch_size]
+  total = -(-n // replicas) * replicas
+  padded = np.concatenate([perm, perm[:total - n]])
+  local = batch_size // replicas
+  return np.concatenate([padded[r::replicas][i * local:(i + 1) * local]
+                         for r in range(replicas)])
 
 
 def process_slice(indices: np.ndarray, process_index: int,

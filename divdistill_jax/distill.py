@@ -8,6 +8,7 @@ runs the shared loop (train.run).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -50,11 +51,11 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
                                "student.bn_group_size")
   train_images, train_labels = splits["train"]
   n = len(train_images)
-  steps_per_epoch = data.steps_per_epoch(n, batch, "student.batch_size")
+  sampler = dict(replicas=config.data.sampler_replicas,
+                 drop_remainder=config.data.drop_remainder)
+  steps_per_epoch = data.steps_per_epoch(n, batch, "student.batch_size",
+                                         **sampler)
   student = Student(config, scfg.bn_group_size)
-  fused = None
-  if scfg.fused_passes and not perturb.is_identity(spec.method):
-    fused = Student(config, scfg.bn_group_size or batch)
   tx = optim.make_optimizer(steps_per_epoch=steps_per_epoch,
                             total_epochs=scfg.epochs,
                             **student_optim(config))
@@ -68,29 +69,51 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
                            num_selected=1)
 
   state = init(jax.random.fold_in(jax.random.key(config.seed), 2))
-  jitted = jax.jit(functools.partial(
-      step.student_train_step, student=student, fused=fused,
-      teacher_model=teacher_model, tx=tx, spec=spec), donate_argnums=0)
+
+  def compiled_step(group: int | None, images: int):
+    """The jitted step for batches of `images` with BatchNorm groups (and
+    one ODS draw per group) of `group` images."""
+    fused = None
+    if scfg.fused_passes and not perturb.is_identity(spec.method):
+      fused = Student(config, group or images)
+    return jax.jit(functools.partial(
+        step.student_train_step, student=Student(config, group), fused=fused,
+        teacher_model=teacher_model, tx=tx,
+        spec=dataclasses.replace(spec, perturb=dataclasses.replace(
+            spec.perturb, group_size=group))), donate_argnums=0)
+
+  steps = {batch: compiled_step(scfg.bn_group_size, batch)}
+  last = data.last_batch_size(n, batch, **sampler)
+  if last != batch:  # The epoch's partial last batch: one group per replica.
+    last_group = (None if scfg.bn_group_size is None
+                  else last // config.data.sampler_replicas)
+    what = "the partial last batch of an epoch (data.drop_remainder=False)"
+    parallel.check_batch_size(last, mesh, what)
+    parallel.check_bn_group_size(last_group, last, mesh, what)
+    steps[last] = compiled_step(last_group, last)
   teacher_vars = parallel.replicate(teacher_vars, mesh)
 
   def train_step(state, images, labels, key):
-    return jitted(state, images, labels, key, teacher_vars)
+    return steps[images.shape[0]](state, images, labels, key, teacher_vars)
 
   def batch_fn(step_index: int):
-    idx = data.batch_indices(config.seed, step_index, n, batch)
+    idx = data.batch_indices(config.seed, step_index, n, batch, **sampler)
     local = data.process_slice(idx, jax.process_index(), jax.process_count())
     return (parallel.global_batch(train_images[local], mesh),
             parallel.global_batch(train_labels[local], mesh))
 
-  extra = None
+  extra, select = None, None
   if student.kind == "latentbe":
     extra = functools.partial(latentbe.merged_predictions, config,
                               student.plain_model, splits=splits)
+    if scfg.selection == "merged":
+      select = latentbe.merged_predict_fn(student.plain_model, "sb")
 
   return train.Task(
       name=f"student {config.student.kind} {config.perturb.method}",
       state=state, train_step=train_step, batch_fn=batch_fn,
       predict_fn=predict_fn(student), extra_predictions=extra,
+      selection_fn=select,
       selection="mean", steps_per_epoch=steps_per_epoch, epochs=scfg.epochs,
       images_per_step=batch,
       eval_epochs=train.eval_epochs(scfg.epochs, scfg.eval_every_epochs,
@@ -134,6 +157,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str,
       task, workdir=workdir, config=config, mesh=mesh, splits=splits,
       summary_extra={
           "method": method, "kind": config.student.kind,
+          "merged_headline": config.student.merged_headline,
           "step_size": None if perturb.is_identity(method)
           else config.perturb.step_size,
           "stage_fields": fields,

@@ -43,10 +43,18 @@ def _done_info(run_dir: str) -> dict:
     return json.load(f)
 
 
-# Rows of the merged LatentBE network (one plain network at test time):
-# predictions.npz key infix -> label suffix.
-MERGED_ROWS = {"sb": "(merged)", "b": "(merged, bias b)",
-               "sb_bn": "(merged, BN re-estimated)"}
+# Rows of the merged LatentBE network (one plain network at test time), by
+# predictions.npz key infix; the headline rule's row is "(merged)".
+_MERGED_SUFFIX = {"sb": "bias s*b", "b": "bias b"}
+
+
+def merged_row_name(rule: str, headline: str = "sb") -> str:
+  """'(merged)' for the headline bias rule, else named for its rule; 'sb_bn'
+  is rule 'sb' with BatchNorm statistics re-estimated."""
+  base, bn = (rule[:-3], True) if rule.endswith("_bn") else (rule, False)
+  parts = [] if base == headline else [_MERGED_SUFFIX[base]]
+  parts += ["BN re-estimated"] if bn else []
+  return "(merged" + "".join(", " + p for p in parts) + ")"
 
 
 def student_label(method: str, ensemble_size: int,
@@ -64,19 +72,22 @@ def student_label(method: str, ensemble_size: int,
   return f"{prefix} {name}"
 
 
-def merged_label(label: str, rule: str) -> str:
+def merged_label(label: str, rule: str, headline: str = "sb") -> str:
   """'LatentBE-4 KD' -> 'LatentBE-4 (merged)'; other methods keep theirs."""
   base = label[:-len(" KD")] if label.endswith(" KD") else label
-  return f"{base} {MERGED_ROWS[rule]}"
+  return f"{base} {merged_row_name(rule, headline)}"
 
 
-def merged_students(label: str, preds: dict) -> list[tuple[str, dict]]:
-  """(label, predictions) of each merged network saved with a student."""
+def merged_students(label: str, preds: dict,
+                    headline: str = "sb") -> list[tuple[str, dict]]:
+  """(label, predictions) of each merged network saved with a student,
+  the headline rule's first."""
   out = []
-  for rule in MERGED_ROWS:
+  rules = [headline] + [r for r in ("sb", "b", "sb_bn") if r != headline]
+  for rule in rules:
     key = f"merged_{rule}_test_probs"
     if key in preds:
-      out.append((merged_label(label, rule), {
+      out.append((merged_label(label, rule, headline), {
           "validation_probs": preds[f"merged_{rule}_validation_probs"],
           "validation_labels": preds["validation_labels"],
           "test_probs": preds[key], "test_labels": preds["test_labels"]}))
@@ -206,8 +217,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
     info = _done_info(run_dir)
     label = student_label(method, preds["test_probs"].shape[0],
                           info.get("kind", "batchensemble"))
-    for row_label, row_preds in [(label, preds)] + merged_students(label,
-                                                                    preds):
+    merged = merged_students(label, preds,
+                             info.get("merged_headline", "sb"))
+    for row_label, row_preds in [(label, preds)] + merged:
       students.append((row_label, row_preds))
       seconds[row_label] = info.get("seconds")
       etas[row_label] = info.get("step_size")

@@ -188,3 +188,19 @@ def merged_predictions(config: ml_collections.ConfigDict, plain_model,
       out[f"merged_{name}_{split}_probs"] = runtime.predict_split(
           predict, v, splits[split][0], mesh, config.eval.batch_size)
   return out
+
+
+def merged_predict_fn(plain_model, bias_rule: str = "sb"):
+  """Jitted probabilities of the merged network of BatchEnsemble variables.
+
+  Returns:
+    `(BatchEnsemble variables, uint8 images [B, H, W, C]) -> [1, B, K]`:
+    the follow-up's validation of a LatentBE student (rule 'sb', as the
+    authors' training script merges).
+  """
+  @jax.jit
+  def predict(variables, images):
+    logits = plain_model.apply(merge(variables, bias_rule),
+                               augment.to_float(images), train=False)
+    return jax.nn.softmax(logits, -1)[None]
+  return predict

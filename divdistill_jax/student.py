@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from divdistill_jax import augment, data, models
+from divdistill_jax import augment, configlib, data, models
 
 
 class Student:
@@ -39,10 +39,12 @@ class Student:
         std=info.std, dtype=config.model.dtype, bn_group_size=bn_group_size,
         ensemble_size=None if plain else self.ensemble_size,
         fast_init_std=0.0 if latent else config.student.fast_init_std,
-        bias_mode="shared_before_s" if latent else "member")
+        bias_mode="shared_before_s" if latent else "member",
+        **configlib.model_options(config))
     self.plain_model = models.get_model(
         config.model.name, num_classes=info.num_classes, mean=info.mean,
-        std=info.std, dtype=config.model.dtype)
+        std=info.std, dtype=config.model.dtype,
+        **configlib.model_options(config))
     self._plain = plain
 
   def init(self, key, sample: jax.Array):

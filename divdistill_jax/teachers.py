@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from divdistill_jax import (augment, checkpointing, data, ensemble, losses,
-                            models, optim, parallel, runtime, train)
+from divdistill_jax import (augment, checkpointing, configlib, data, ensemble,
+                            losses, models, optim, parallel, runtime, train)
 from divdistill_jax import workdir as workdir_lib
 
 
@@ -29,13 +29,17 @@ class TeacherError(ValueError):
   """A teachers workdir that is missing or does not fit the student."""
 
 
-def build_teacher_model(config: ml_collections.ConfigDict):
-  """The plain teacher network of a config."""
+def build_teacher_model(config: ml_collections.ConfigDict,
+                        bn_group_size: int | None | str = "config"):
+  """The plain teacher network of a config (BatchNorm groups of
+  `teacher.bn_group_size` images unless `bn_group_size` is given)."""
   info = data.dataset_info(config.data.name)
+  if bn_group_size == "config":
+    bn_group_size = config.teacher.bn_group_size
   return models.get_model(
       config.model.name, num_classes=info.num_classes, mean=info.mean,
-      std=info.std, dtype=config.model.dtype,
-      bn_group_size=config.teacher.bn_group_size)
+      std=info.std, dtype=config.model.dtype, bn_group_size=bn_group_size,
+      **configlib.model_options(config))
 
 
 def teacher_train_step(state: train.TrainState, images, labels, base_key, *,
@@ -92,7 +96,10 @@ def make_teacher_task(config: ml_collections.ConfigDict, mesh,
                                "teacher.bn_group_size")
   train_images, train_labels = splits["train"]
   n = len(train_images)
-  steps_per_epoch = data.steps_per_epoch(n, batch, "teacher.batch_size")
+  sampler = dict(replicas=config.data.sampler_replicas,
+                 drop_remainder=config.data.drop_remainder)
+  steps_per_epoch = data.steps_per_epoch(n, batch, "teacher.batch_size",
+                                         **sampler)
   model = build_teacher_model(config)
   tx = optim.make_optimizer(steps_per_epoch=steps_per_epoch,
                             total_epochs=tcfg.epochs, **tcfg.optim)
@@ -107,15 +114,31 @@ def make_teacher_task(config: ml_collections.ConfigDict, mesh,
 
   state = init(jax.random.fold_in(jax.random.key(config.seed), 1))
   strategy = config.model.ensemble_strategy
-  step = jax.jit(
-      functools.partial(teacher_train_step, model=model, tx=tx,
-                        strategy=strategy, padding=config.data.crop_padding,
-                        flip=config.data.flip),
-      donate_argnums=0)
+
+  def compiled_step(step_model):
+    return jax.jit(
+        functools.partial(teacher_train_step, model=step_model, tx=tx,
+                          strategy=strategy, padding=config.data.crop_padding,
+                          flip=config.data.flip),
+        donate_argnums=0)
+
+  steps = {batch: compiled_step(model)}
+  last = data.last_batch_size(n, batch, **sampler)
+  if last != batch:  # The epoch's partial last batch: one group per replica.
+    last_group = (None if tcfg.bn_group_size is None
+                  else last // config.data.sampler_replicas)
+    what = "the partial last batch of an epoch (data.drop_remainder=False)"
+    parallel.check_batch_size(last, mesh, what)
+    parallel.check_bn_group_size(last_group, last, mesh, what)
+    steps[last] = compiled_step(build_teacher_model(config, last_group))
+
+  def step(state, images, labels, key):  # images [M, B, ...].
+    return steps[images.shape[1]](state, images, labels, key)
 
   def batch_fn(step_index: int):
     idx = np.stack([data.batch_indices(config.seed, step_index, n, batch,
-                                       stream=member) for member in range(m)])
+                                       stream=member, **sampler)
+                    for member in range(m)])
     local = np.stack([data.process_slice(i, jax.process_index(),
                                          jax.process_count()) for i in idx])
     return (parallel.global_batch(train_images[local], mesh, axis=1),

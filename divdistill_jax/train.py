@@ -100,6 +100,10 @@ class Task:
   # (selected variables, mesh) -> extra arrays for predictions.npz, written
   # before done.json (e.g. the merged LatentBE network's predictions).
   extra_predictions: Callable[[Any, Any], dict] | None = None
+  # Jitted `(variables, uint8 images) -> probs [1, B, K]` whose validation
+  # accuracy selects the checkpoint instead of the members' (e.g. a LatentBE
+  # student's merged network); None = `selection` as above.
+  selection_fn: Callable[..., jax.Array] | None = None
 
 
 class TrainingDiverged(RuntimeError):
@@ -361,15 +365,22 @@ def _validate(task, state, epoch, mesh, config, writer, val_images,
   accs = member_accuracy(probs, val_labels)
   ens_acc = float((probs.mean(0).argmax(-1) == val_labels).mean())
   selected = accs if task.selection == "member" else accs.mean(keepdims=True)
-  state = _update_best(state, jnp.asarray(selected, jnp.float32),
-                       jnp.asarray(epoch, jnp.int32))
   scalars = {"val/mean_member_accuracy": accs.mean(),
              "val/ensemble_accuracy": ens_acc}
+  if task.selection_fn is not None:
+    chosen = runtime.predict_split(task.selection_fn, variables, val_images,
+                                   mesh, config.eval.batch_size)
+    selected = member_accuracy(chosen, val_labels)
+    scalars["val/selection_accuracy"] = selected[0]
+  state = _update_best(state, jnp.asarray(selected, jnp.float32),
+                       jnp.asarray(epoch, jnp.int32))
   scalars.update({f"val/member_{m}_accuracy": a for m, a in enumerate(accs)})
   writer.write(step, scalars)
   logging_utils.log(
       f"[{task.name}] epoch {epoch}: val member acc "
-      f"{np.round(accs * 100, 2).tolist()} ensemble {ens_acc * 100:.2f}")
+      f"{np.round(accs * 100, 2).tolist()} ensemble {ens_acc * 100:.2f}"
+      + (f" selection {float(selected[0]) * 100:.2f}"
+         if task.selection_fn is not None else ""))
   return state
 
 

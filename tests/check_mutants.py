@@ -95,12 +95,12 @@ MUTANTS = {
         "test_figure1_sets_draw_per_batchnorm_group_like_training"),
     "student BatchNorm ignores student.bn_group_size": _one(
         "divdistill_jax/distill.py", "make_student_task",
-        "student = Student(config, scfg.bn_group_size)",
-        "student = Student(config, None)", *STEP_TESTS),
+        "student=Student(config, group)", "student=Student(config, None)",
+        *STEP_TESTS),
     "fused pass with one group per pass although groups are set": _one(
         "divdistill_jax/distill.py", "make_student_task",
-        "fused = Student(config, scfg.bn_group_size or batch)",
-        "fused = Student(config, batch)", *STEP_TESTS),
+        "fused = Student(config, group or images)",
+        "fused = Student(config, images)", *STEP_TESTS),
     "kd.clean_pass does not reach the step": _one(
         STEP, "StepSpec.from_config",
         "clean_pass=config.kd.clean_pass", "clean_pass=True", *STEP_TESTS),
@@ -121,9 +121,24 @@ MUTANTS = {
         "if config.perturb.auto_num_examples < 1:",
         "if config.perturb.auto_num_examples < 0:",
         "tests/test_configs.py::test_validate_names_the_field"),
+    "student's partial last batch in one BatchNorm group": _one(
+        "divdistill_jax/distill.py", "make_student_task",
+        "else last // config.data.sampler_replicas)", "else last)",
+        "tests/test_distill_step.py::"
+        "test_partial_last_batch_step_matches_reference"),
+    "teachers' partial last batch in one BatchNorm group": _one(
+        "divdistill_jax/teachers.py", "make_teacher_task",
+        "else last // config.data.sampler_replicas)", "else last)",
+        "tests/test_groups.py::"
+        "test_teacher_partial_last_batch_normalises_per_replica"),
+    "the last partial batch dropped although drop_remainder is False": _one(
+        "divdistill_jax/data.py", "steps_per_epoch",
+        "return -(-per_replica // (batch_size // replicas))",
+        "return per_replica // (batch_size // replicas)",
+        "tests/test_data.py"),
     "every teacher member on the same data order": _one(
         "divdistill_jax/teachers.py", "make_teacher_task",
-        "stream=member)", "stream=0)",
+        "stream=member,", "stream=0,",
         "tests/test_train.py::"
         "test_each_teacher_member_has_its_own_data_order"),
     "ECE bins [lo, hi)": _one(

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config
 
 from divdistill_jax import augment, data
 
@@ -231,3 +232,56 @@ def test_augment_flip_is_exact_and_keys_matter():
   # Leading member axes are kept.
   stacked = augment.augment(jax.random.key(1), images.reshape(4, 16, 4, 4, 1))
   assert stacked.shape == (4, 16, 4, 4, 1)
+
+
+def _official_epoch(perm, batch_size, replicas):
+  """PyTorch's DistributedSampler (drop_last=False) + DataLoader
+  (drop_last=False), transcribed: the index list padded with its own head
+  to a multiple of the replicas, replica r takes indices r, r + R, ...,
+  then batches of batch_size / R; global step i = replica batches i."""
+  n = len(perm)
+  num_samples = -(-n // replicas)
+  total = num_samples * replicas
+  indices = list(perm) + list(perm[:total - n])
+  local = batch_size // replicas
+  per_replica = [indices[r:total:replicas] for r in range(replicas)]
+  batches = [[sub[i:i + local] for i in range(0, num_samples, local)]
+             for sub in per_replica]
+  return [sum((batches[r][i] for r in range(replicas)), [])
+          for i in range(len(batches[0]))]
+
+
+@pytest.mark.parametrize("n,batch,replicas", [
+    (10, 4, 1), (11, 8, 4), (45, 16, 4), (13, 6, 2), (16, 8, 4)])
+def test_partial_last_batch_follows_the_official_sampler(n, batch, replicas):
+  perm = data.epoch_permutation(3, 0, n)
+  want = _official_epoch(perm, batch, replicas)
+  kw = dict(replicas=replicas, drop_remainder=False)
+  assert data.steps_per_epoch(n, batch, **kw) == len(want)
+  assert data.last_batch_size(n, batch, **kw) == len(want[-1])
+  for i, indices in enumerate(want):
+    np.testing.assert_array_equal(data.batch_indices(3, i, n, batch, **kw),
+                                  indices)
+  # The next epoch starts a fresh permutation at step len(want).
+  np.testing.assert_array_equal(
+      data.batch_indices(3, len(want), n, batch, **kw),
+      _official_epoch(data.epoch_permutation(3, 1, n), batch, replicas)[0])
+
+
+def test_paper_epochs_take_the_official_step_counts():
+  """ceil(N / B) steps (and each GPU's last batch) of the official runs:
+  CIFAR-100 on 4 GPUs, CIFAR-10 on one; 45,000 training images."""
+  def shape(batch, replicas):
+    kw = dict(replicas=replicas, drop_remainder=False)
+    return (data.steps_per_epoch(45000, batch, **kw),
+            data.last_batch_size(45000, batch, **kw))
+  assert shape(256, 4) == (176, 4 * 50)   # C100 teacher: 11250 per GPU.
+  assert shape(64, 4) == (704, 4 * 2)     # C100 student.
+  assert shape(512, 1) == (88, 456)       # C10 teacher.
+  assert shape(128, 1) == (352, 72)       # C10 student.
+  for name, replicas in (("cifar100_wrn28x10", 4), ("cifar10_resnet32", 1)):
+    config = load_config(name)
+    assert not config.data.drop_remainder
+    assert config.data.sampler_replicas == replicas
+  # Dropping the remainder (the default elsewhere) keeps full batches.
+  assert data.steps_per_epoch(45000, 64) == 703

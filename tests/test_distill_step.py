@@ -56,7 +56,8 @@ def _setup(pairing):
 def _reference_run(student_model, variables, teacher_model, teacher_vars,
                    images, labels, base_key, *, method, pairing, fused,
                    num_ascent, confidence_scaled, group, alpha, clean_pass):
-  """NUM_STEPS steps recomputed by hand; returns (params, stats, metrics)."""
+  """len(images) steps recomputed by hand; returns (params, stats,
+  metrics). Each step's batch size is its images'."""
   params = jax.tree.map(np.asarray, variables["params"])
   stats = variables["batch_stats"]
   buf = jax.tree.map(np.zeros_like, params)
@@ -80,7 +81,8 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
                            student_variables={"params": params,
                                               "batch_stats": stats})
 
-  for step in range(NUM_STEPS):
+  for step in range(len(images)):
+    B = len(images[step])  # noqa: N806  (the batch size, as elsewhere)
     key = jax.random.fold_in(base_key, step)
     _, perturb_key = jax.random.split(key)
     x = jnp.asarray(images[step], jnp.float32) / 255.0  # No augmentation.
@@ -250,3 +252,50 @@ def test_student_step_matches_reference(method, pairing, fused, num_ascent,
   jax.tree.map(lambda g, w: np.testing.assert_allclose(
       g, w, rtol=2e-4, atol=2e-6), state.batch_stats, want_stats)
   assert int(state.step) == NUM_STEPS
+
+
+def test_partial_last_batch_step_matches_reference():
+  """The official sampler's partial last batch (data.drop_remainder =
+  False): 18 images over 2 replicas of 4-image batches leave each replica 1
+  image in the epoch's third step, so that step has 2 images, BatchNorm
+  groups of 1 image and one ODS draw per image, checked against the
+  reference forming those groups itself."""
+  from divdistill_jax import data
+  _, teacher_model, teacher_vars, _, _ = _setup("member")
+  config = load_config("quickstart", "confods,smoke", **{
+      "model.name": "resnet2_w4", "student.batch_size": B,
+      "student.bn_group_size": B // 2, "data.drop_remainder": False,
+      "data.sampler_replicas": 2, "kd.alpha": ALPHA, "kd.temperature": TEMP,
+      "perturb.step_size": ETA, "data.crop_padding": 0, "data.flip": False,
+      "student.optim.learning_rate": LR,
+      "student.optim.fast_learning_rate": FAST_LR,
+      "student.optim.weight_decay": WD, "student.optim.momentum": MOMENTUM,
+      "student.optim.schedule": "constant"})
+  n = 18
+  rng = np.random.default_rng(5)
+  splits = {"train": (rng.integers(0, 256, (n, HW, HW, 1), dtype=np.uint8),
+                      rng.integers(0, K, n).astype(np.int32))}
+  task = distill.make_student_task(config, parallel.make_mesh(1), splits,
+                                   teacher_model, teacher_vars)
+  assert task.steps_per_epoch == 3
+  # The task's own last batch: one image of each replica's share.
+  last_images, last_labels = (np.asarray(a) for a in task.batch_fn(2))
+  assert last_images.shape[0] == 2
+  variables = jax.tree.map(np.asarray, {
+      "params": task.state.params, "batch_stats": task.state.batch_stats})
+  base_key = jax.random.key(7)
+  state, metrics = task.train_step(task.state, last_images, last_labels,
+                                   base_key)
+  want_params, want_stats, want_metrics = _reference_run(
+      Student(config, None).model, variables, teacher_model, teacher_vars,
+      last_images[None], last_labels[None], base_key, method="confods",
+      pairing="member", fused=False, num_ascent=1, confidence_scaled=False,
+      group=1, alpha=ALPHA, clean_pass=True)
+  for name, value in want_metrics[0].items():
+    assert float(metrics[name]) == pytest.approx(value, rel=2e-4,
+                                                 abs=2e-5), name
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(
+      g, w, rtol=2e-4, atol=2e-5), state.params, want_params)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(
+      g, w, rtol=2e-4, atol=2e-6), state.batch_stats, want_stats)
+  assert data.last_batch_size(n, B, replicas=2, drop_remainder=False) == 2

@@ -59,3 +59,40 @@ def test_grouped_pipeline_on_two_devices(tmp_path):
     assert json.load(f)["stage_fields"]["student.bn_group_size"] == 8
   with open(os.path.join(workdir, "teachers", "step_size.json")) as f:
     assert json.load(f)["settings"]["group_size"] == 8
+
+
+def test_teacher_partial_last_batch_normalises_per_replica():
+  """data.drop_remainder = False: the teachers' last step of an epoch has
+  each replica's remainder (here 1 image of 2 replicas per member) and its
+  BatchNorm statistics are the mean of those per-replica groups' updates,
+  computed here with an ungrouped network, member by member."""
+  from divdistill_jax import data
+  config = grouped_config("teachers,smoke", **{
+      "teacher.batch_size": 8, "teacher.bn_group_size": 4,
+      "data.drop_remainder": False, "data.sampler_replicas": 2})
+  rng = np.random.default_rng(0)
+  splits = {"train": (rng.integers(0, 256, (18, 28, 28, 1), np.uint8),
+                      rng.integers(0, 10, 18).astype(np.int32))}
+  task = teachers.make_teacher_task(config, parallel.make_mesh(1), splits)
+  assert task.steps_per_epoch == data.steps_per_epoch(
+      18, 8, replicas=2, drop_remainder=False) == 3
+  state = task.state
+  for step in range(2):
+    images, labels = task.batch_fn(step)
+    state, _ = task.train_step(state, images, labels, jax.random.key(0))
+  images, labels = task.batch_fn(2)
+  assert images.shape[:2] == (2, 2)  # [members, 2 replicas x 1 image].
+  before = jax.device_get((state.params, state.batch_stats))
+  state, _ = task.train_step(state, images, labels, jax.random.key(0))
+  plain = teachers.build_teacher_model(config, bn_group_size=None)
+  x = np.asarray(images, np.float32) / 255
+  for m in range(2):
+    member = jax.tree.map(lambda a, m=m: a[m], before)
+    groups = [plain.apply({"params": member[0], "batch_stats": member[1]},
+                          x[m, i:i + 1], train=True,
+                          mutable=["batch_stats"])[1]["batch_stats"]
+              for i in range(2)]
+    want = jax.tree.map(lambda a, b: (a + b) / 2, *groups)
+    got = jax.tree.map(lambda a, m=m: np.asarray(a[m]), state.batch_stats)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(
+        g, w, rtol=1e-5, atol=1e-6), got, want)

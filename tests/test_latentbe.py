@@ -198,10 +198,19 @@ def test_followup_pipeline_rows(tmp_path):
   labels = [r["label"] for r in results["rows"]]
   assert labels == [
       "DE-1", "DE-2", "Single KD", "LatentBE-2 KD", "LatentBE-2 (merged)",
-      "LatentBE-2 (merged, bias b)", "LatentBE-2 KD+TDiv-SDiv",
+      "LatentBE-2 (merged, bias s*b)", "LatentBE-2 KD+TDiv-SDiv",
       "LatentBE-2 KD+TDiv-SDiv (merged)",
-      "LatentBE-2 KD+TDiv-SDiv (merged, bias b)"]
+      "LatentBE-2 KD+TDiv-SDiv (merged, bias s*b)"]
   rows = {r["label"]: r for r in results["rows"]}
+  # The headline merged row is the authors' evaluation.ipynb merge (the
+  # shared bias unchanged, rule 'b'), the other the rule 's*b'.
+  from divdistill_jax import metrics
+  with np.load(workdir / "students" / "kd" / "predictions.npz") as f:
+    for label, rule in (("LatentBE-2 (merged)", "b"),
+                        ("LatentBE-2 (merged, bias s*b)", "sb")):
+      want = 100 * metrics.accuracy(f[f"merged_{rule}_test_probs"][0],
+                                    f["test_labels"])
+      assert rows[label]["acc"] == pytest.approx(want)
   # One network: no member diversity; the un-merged ensemble has some.
   assert rows["LatentBE-2 (merged)"]["kl"] == 0.0
   assert rows["LatentBE-2 KD+TDiv-SDiv"]["step_size"] == 1.0
@@ -226,3 +235,71 @@ def test_latentbe_fast_weights_start_at_one_whatever_the_init_std():
   assert latent and all(np.all(leaf == 1.0) for leaf in latent)
   # The same std draws them for a BatchEnsemble student.
   assert any(np.std(leaf) > 0.1 for leaf in fast_leaves("batchensemble"))
+
+
+def test_merged_selection_keeps_the_epoch_of_the_best_merged_network(
+    tmp_path):
+  """With a selection network (the merged LatentBE), the checkpoint kept is
+  the one whose selection accuracy is best, not the members'."""
+  from divdistill_jax import logging_utils, parallel, train
+  labels = np.arange(4, dtype=np.int32) % 2
+  images = np.zeros((4, 2, 2, 1), np.uint8)
+  right = np.eye(2, dtype=np.float32)[labels]
+
+  def probs(correct):  # [1, B, K]: all right or all wrong.
+    return jnp.asarray(right if correct else right[:, ::-1])[None]
+
+  def predict(variables, batch):  # Members: right at epoch 1 only.
+    del batch
+    return jnp.where(variables["params"]["epoch"] == 1, probs(True),
+                     probs(False))
+
+  def merged(variables, batch):  # Merged network: right at epoch 2 only.
+    del batch
+    return jnp.where(variables["params"]["epoch"] == 2, probs(True),
+                     probs(False))
+
+  config = load_config("quickstart", "kd,smoke", **{"eval.batch_size": 4})
+  mesh = parallel.make_mesh(1)
+  writer = logging_utils.MetricWriter(str(tmp_path), enabled=False)
+  out = {}
+  for name, select in (("members", None), ("merged", merged)):
+    task = train.Task(
+        name="t", state=None, train_step=None, batch_fn=None,
+        predict_fn=predict, selection="mean", steps_per_epoch=1, epochs=2,
+        images_per_step=1, eval_epochs=frozenset({1, 2}),
+        selection_fn=select)
+    state = train.new_state({"epoch": jnp.asarray(0)}, {}, (),
+                            num_selected=1)
+    for epoch in (1, 2):
+      state = state.replace(params={"epoch": jnp.asarray(epoch)})
+      state = train._validate(task, state, epoch, mesh, config, writer,  # pylint: disable=protected-access
+                              images, labels, epoch)
+    out[name] = (int(state.best_epoch[0]),
+                 int(state.best_params["epoch"]))
+  assert out == {"members": (1, 1), "merged": (2, 2)}
+
+
+def test_followup_model_options_are_the_authors(tmp_path):
+  """configs/cifar100_wrn28x4.py builds giung2-jax's initialisation and
+  BatchNorm; the NeurIPS configs keep PyTorch's."""
+  from divdistill_jax import teachers
+  follow = load_config("cifar100_wrn28x4", "kd,single",
+                       **{"data.name": "fashion_mnist"})
+  neurips = load_config("cifar100_wrn28x10", "kd",
+                        **{"data.name": "fashion_mnist"})
+  for config, bias_zero in ((follow, True), (neurips, False)):
+    model = teachers.build_teacher_model(config)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))[
+        "params"]
+    bias = [np.asarray(leaf) for path, leaf in
+            jax.tree_util.tree_leaves_with_path(params)
+            if jax.tree_util.keystr(path).endswith("['bias']")
+            and "Dense" in jax.tree_util.keystr(path)]
+    assert len(bias) == 1 and np.all(bias[0] == 0) == bias_zero
+  assert (follow.model.kernel_init, follow.model.bn_running_var,
+          follow.student.selection, follow.student.merged_headline) == (
+              "fan_in_truncated", "biased", "merged", "b")
+  assert (neurips.model.kernel_init, neurips.model.bn_running_var,
+          neurips.student.selection, neurips.student.merged_headline) == (
+              "fan_out_normal", "unbiased", "members", "sb")

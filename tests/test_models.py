@@ -192,3 +192,55 @@ def test_apply_members_equals_python_loop(strategy):
 def test_unknown_model_name():
   with pytest.raises(ValueError, match="Unknown model 'resnet9'"):
     models.get_model("resnet9", num_classes=10)
+
+
+@pytest.mark.parametrize("rule", ["unbiased", "biased"])
+def test_batchnorm_running_variance_rule(rule):
+  """One training step's running statistics, transcribed in numpy:
+  PyTorch keeps the unbiased batch variance, giung2-jax (norm.py) the
+  biased E[x^2] - E[x]^2; momentum 0.1 in PyTorch's convention."""
+  from divdistill_jax.models import layers
+  rng = np.random.default_rng(0)
+  x = rng.normal(2.0, 3.0, (6, 4, 4, 3)).astype(np.float32)
+  bn = layers.BatchNorm(use_running_average=False, running_var=rule)
+  variables = bn.init(jax.random.key(0), x)
+  _, new = bn.apply(variables, x, mutable=["batch_stats"])
+  flat = x.reshape(-1, 3).astype(np.float64)
+  n = len(flat)
+  mean = flat.mean(0)
+  biased = (flat ** 2).mean(0) - mean ** 2
+  batch_var = biased if rule == "biased" else biased * n / (n - 1)
+  np.testing.assert_allclose(new["batch_stats"]["mean"], 0.1 * mean,
+                             rtol=1e-5)
+  np.testing.assert_allclose(new["batch_stats"]["var"],
+                             0.9 * 1.0 + 0.1 * batch_var, rtol=1e-5)
+
+
+def test_kernel_initialisers():
+  """'fan_out_normal': N(0, 2 / fan_out), untruncated (PyTorch's
+  kaiming_normal_(mode='fan_out')); 'fan_in_truncated': JAX's
+  kaiming_normal, variance 2 / fan_in from a normal truncated at 2 std
+  (so no value beyond 2 / 0.8796 of its std)."""
+  from divdistill_jax.models import layers
+  shape = (3, 3, 64, 32)
+  fan_in, fan_out = 3 * 3 * 64, 3 * 3 * 32
+  key = jax.random.key(0)
+  w = np.asarray(layers.KERNEL_INITS["fan_out_normal"](key, shape))
+  assert w.std() == pytest.approx(np.sqrt(2 / fan_out), rel=0.03)
+  assert np.abs(w).max() > 2.5 * np.sqrt(2 / fan_out)  # Not truncated.
+  w = np.asarray(layers.KERNEL_INITS["fan_in_truncated"](key, shape))
+  std = np.sqrt(2 / fan_in)
+  assert w.std() == pytest.approx(std, rel=0.03)
+  assert np.abs(w).max() <= 2 * std / 0.87962566 * (1 + 1e-5)
+  # The model option reaches every kernel and the classifier bias.
+  for init, bias_init in (("fan_in_truncated", "zeros"),
+                          ("fan_out_normal", "uniform")):
+    net = models.get_model("resnet8", num_classes=10, mean=(0.5,),
+                           std=(0.25,), kernel_init=init, bias_init=bias_init)
+    params = net.init(key, jnp.zeros((1, 8, 8, 1)))["params"]
+    # The stem (3, 3, 1, 16): std sqrt(2 / 9) = 0.47 from fan_in, sqrt(2 /
+    # 144) = 0.12 from fan_out.
+    stem = np.asarray(params["Conv_0"]["kernel"])
+    assert (stem.std() > 0.3) == (init == "fan_in_truncated")
+    assert np.all(np.asarray(params["Dense_0"]["bias"]) == 0) == (
+        bias_init == "zeros")

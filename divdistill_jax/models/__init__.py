@@ -50,6 +50,9 @@ def get_model(
     bn_group_size: int | None = None,
     fast_init_std: float = 0.5,
     bias_mode: str = "member",
+    kernel_init: str = "fan_out_normal",
+    bias_init: str = "uniform",
+    bn_running_var: str = "unbiased",
 ) -> nn.Module:
   """Builds a registered network.
 
@@ -67,6 +70,11 @@ def get_model(
       (0 = all ones: LatentBE).
     bias_mode: BatchEnsemble classifier bias, 'member' (NeurIPS 2021) or
       'shared_before_s' (LatentBE); see `layers.BatchEnsembleDense`.
+    kernel_init: 'fan_out_normal' (PyTorch recipe) or 'fan_in_truncated'
+      (JAX's kaiming_normal, the follow-up's code); `layers.KERNEL_INITS`.
+    bias_init: the plain classifier's bias, 'uniform' (PyTorch) or 'zeros'.
+    bn_running_var: 'unbiased' (PyTorch) or 'biased' (giung2-jax) batch
+      variance in the BatchNorm running statistics.
 
   Returns:
     A Linen module called as `model.apply(variables, x, train=...)`.
@@ -76,15 +84,17 @@ def get_model(
   family, kwargs = _REGISTRY[name]
   compute = jnp.dtype(dtype)
   norm = functools.partial(layers.BatchNorm, group_size=bn_group_size,
-                           dtype=compute)
+                           running_var=bn_running_var, dtype=compute)
   if ensemble_size is None:
-    conv = functools.partial(layers.Conv, dtype=compute)
-    dense = functools.partial(layers.Dense, dtype=compute)
+    conv = functools.partial(layers.Conv, kernel_init=kernel_init,
+                             dtype=compute)
+    dense = functools.partial(layers.Dense, kernel_init=kernel_init,
+                              bias_init=bias_init, dtype=compute)
   else:
     if ensemble_size < 1:
       raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}.")
     be = dict(ensemble_size=ensemble_size, fast_init_std=fast_init_std,
-              dtype=compute)
+              kernel_init=kernel_init, dtype=compute)
     conv = functools.partial(layers.BatchEnsembleConv, **be)
     dense = functools.partial(layers.BatchEnsembleDense, bias_mode=bias_mode,
                               **be)

@@ -25,6 +25,25 @@ Dtype = Any
 # Flax's fan_out of a (kh, kw, in, out) kernel is kh * kw * out, as in
 # PyTorch.
 he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# Kernel initialisers by name: 'fan_out_normal' is the PyTorch recipe of the
+# NeurIPS 2021 code; 'fan_in_truncated' is JAX's `kaiming_normal()` (fan_in,
+# normal truncated at 2 std, rescaled to keep the variance), which the
+# follow-up's code (giung2-jax `giung2/layers/conv.py`, `linear.py`) uses.
+KERNEL_INITS = {"fan_out_normal": he_fan_out,
+                "fan_in_truncated": nn.initializers.kaiming_normal()}
+# Classifier bias of the plain network: PyTorch's default uniform, or zeros
+# (giung2-jax `linear.py`).
+BIAS_INITS = ("uniform", "zeros")
+# BatchNorm running variance: PyTorch's unbiased batch variance, or the
+# biased one (giung2-jax `norm.py`: E[x^2] - E[x]^2).
+RUNNING_VARS = ("unbiased", "biased")
+
+
+def _kernel_init(name: str):
+  if name not in KERNEL_INITS:
+    raise ValueError(f"Unknown kernel_init {name!r}; use one of "
+                     f"{tuple(KERNEL_INITS)}.")
+  return KERNEL_INITS[name]
 
 
 def torch_linear_bias_init(fan_in: int):
@@ -64,29 +83,36 @@ class Conv(nn.Module):
   features: int
   kernel_size: int = 3
   strides: int = 1
+  kernel_init: str = "fan_out_normal"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    kernel = self.param("kernel", he_fan_out,
+    kernel = self.param("kernel", _kernel_init(self.kernel_init),
                         (k, k, x.shape[-1], self.features), jnp.float32)
     return conv2d(x, kernel, self.strides, (k - 1) // 2, self.dtype)
 
 
 class Dense(nn.Module):
-  """Classifier: Kaiming fan_out weight, PyTorch-default bias."""
+  """Classifier: Kaiming weight, PyTorch-default (or zero) bias."""
 
   features: int
+  kernel_init: str = "fan_out_normal"
+  bias_init: str = "uniform"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     fan_in = x.shape[-1]
-    kernel = self.param("kernel", he_fan_out, (fan_in, self.features),
-                        jnp.float32)
-    bias = self.param("bias", torch_linear_bias_init(fan_in),
-                      (self.features,), jnp.float32)
+    kernel = self.param("kernel", _kernel_init(self.kernel_init),
+                        (fan_in, self.features), jnp.float32)
+    if self.bias_init not in BIAS_INITS:
+      raise ValueError(f"Unknown bias_init {self.bias_init!r}; use one of "
+                       f"{BIAS_INITS}.")
+    bias_init = (torch_linear_bias_init(fan_in) if self.bias_init == "uniform"
+                 else nn.initializers.zeros)
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     return y + bias.astype(self.dtype)
 
@@ -107,14 +133,15 @@ class BatchEnsembleConv(nn.Module):
   kernel_size: int = 3
   strides: int = 1
   fast_init_std: float = 0.5
+  kernel_init: str = "fan_out_normal"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     _check_members(x, self.ensemble_size, 5, "BatchEnsembleConv")
     m, k, c_in = self.ensemble_size, self.kernel_size, x.shape[-1]
-    kernel = self.param("kernel", he_fan_out, (k, k, c_in, self.features),
-                        jnp.float32)
+    kernel = self.param("kernel", _kernel_init(self.kernel_init),
+                        (k, k, c_in, self.features), jnp.float32)
     init = normal_around_one(self.fast_init_std)
     r = self.param("fast_r", init, (m, c_in), jnp.float32)
     s = self.param("fast_s", init, (m, self.features), jnp.float32)
@@ -139,6 +166,7 @@ class BatchEnsembleDense(nn.Module):
   ensemble_size: int
   fast_init_std: float = 0.5
   bias_mode: str = "member"
+  kernel_init: str = "fan_out_normal"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -148,8 +176,8 @@ class BatchEnsembleDense(nn.Module):
       raise ValueError(f"Unknown bias_mode {self.bias_mode!r}; use one of "
                        f"{BIAS_MODES}.")
     m, fan_in = self.ensemble_size, x.shape[-1]
-    kernel = self.param("kernel", he_fan_out, (fan_in, self.features),
-                        jnp.float32)
+    kernel = self.param("kernel", _kernel_init(self.kernel_init),
+                        (fan_in, self.features), jnp.float32)
     init = normal_around_one(self.fast_init_std)
     r = self.param("fast_r", init, (m, fan_in), jnp.float32)
     s = self.param("fast_s", init, (m, self.features), jnp.float32)
@@ -171,13 +199,16 @@ class BatchNorm(nn.Module):
   In training mode the statistics are taken over every axis but C, in
   groups of `group_size` images along the B axis (all leading axes, e.g. the
   M member copies of those images, are in the same group). `None` = one
-  group, the whole (global) batch. Running statistics follow PyTorch:
-  momentum 0.1 and the unbiased variance; with several groups the update is
-  the mean over groups. Statistics are computed in float32.
+  group, the whole (global) batch. Running statistics: momentum 0.1 in
+  PyTorch's convention, and the unbiased batch variance as PyTorch keeps it
+  (`running_var='unbiased'`) or the biased one as giung2-jax does
+  ('biased'); with several groups the update is the mean over groups.
+  Statistics are computed in float32.
   """
 
   use_running_average: bool
   group_size: int | None = None
+  running_var: str = "unbiased"
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
@@ -196,11 +227,15 @@ class BatchNorm(nn.Module):
     else:
       y, mean, var, count = _group_normalise(xf, self.group_size, self.epsilon)
       if not self.is_initializing():
-        unbiased = var * count / max(count - 1, 1)
+        if self.running_var not in RUNNING_VARS:
+          raise ValueError(f"Unknown running_var {self.running_var!r}; use "
+                           f"one of {RUNNING_VARS}.")
+        if self.running_var == "unbiased":
+          var = var * count / max(count - 1, 1)
         mean_var.value = (self.momentum * mean_var.value
                           + (1 - self.momentum) * mean.mean(0))
         var_var.value = (self.momentum * var_var.value
-                         + (1 - self.momentum) * unbiased.mean(0))
+                         + (1 - self.momentum) * var.mean(0))
     return (y * scale + bias).astype(self.dtype)
 
 
