@@ -83,13 +83,10 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
             spec.perturb, group_size=group))), donate_argnums=0)
 
   steps = {batch: compiled_step(scfg.bn_group_size, batch)}
-  last = data.last_batch_size(n, batch, **sampler)
-  if last != batch:  # The epoch's partial last batch: one group per replica.
-    last_group = (None if scfg.bn_group_size is None
-                  else last // config.data.sampler_replicas)
-    what = "the partial last batch of an epoch (data.drop_remainder=False)"
-    parallel.check_batch_size(last, mesh, what)
-    parallel.check_bn_group_size(last_group, last, mesh, what)
+  partial = runtime.partial_last_batch(n, batch, scfg.bn_group_size, config,
+                                       mesh)
+  if partial is not None:
+    last, last_group = partial
     steps[last] = compiled_step(last_group, last)
   teacher_vars = parallel.replicate(teacher_vars, mesh)
 

@@ -56,3 +56,27 @@ def predict_split(predict_fn, variables, images: np.ndarray,
       probs = multihost_utils.process_allgather(probs, tiled=True)
     outs.append(np.asarray(probs, np.float32)[:, batch.mask])
   return np.concatenate(outs, axis=1)
+
+
+def partial_last_batch(n: int, batch_size: int, group_size: int | None,
+                       config: ml_collections.ConfigDict,
+                       mesh) -> tuple[int, int | None] | None:
+  """The epoch's partial last step, when `data.drop_remainder` is False.
+
+  Returns:
+    (its images, its BatchNorm group: one replica's remainder, or None for
+    whole-batch statistics), or None when every step is full.
+
+  Raises:
+    ValueError: that batch or its groups do not fit the devices.
+  """
+  replicas = config.data.sampler_replicas
+  last = data.last_batch_size(n, batch_size, replicas=replicas,
+                              drop_remainder=config.data.drop_remainder)
+  if last == batch_size:
+    return None
+  group = None if group_size is None else last // replicas
+  what = "the partial last batch of an epoch (data.drop_remainder=False)"
+  parallel.check_batch_size(last, mesh, what)
+  parallel.check_bn_group_size(group, last, mesh, what)
+  return last, group

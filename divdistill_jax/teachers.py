@@ -123,13 +123,10 @@ def make_teacher_task(config: ml_collections.ConfigDict, mesh,
         donate_argnums=0)
 
   steps = {batch: compiled_step(model)}
-  last = data.last_batch_size(n, batch, **sampler)
-  if last != batch:  # The epoch's partial last batch: one group per replica.
-    last_group = (None if tcfg.bn_group_size is None
-                  else last // config.data.sampler_replicas)
-    what = "the partial last batch of an epoch (data.drop_remainder=False)"
-    parallel.check_batch_size(last, mesh, what)
-    parallel.check_bn_group_size(last_group, last, mesh, what)
+  partial = runtime.partial_last_batch(n, batch, tcfg.bn_group_size, config,
+                                       mesh)
+  if partial is not None:
+    last, last_group = partial
     steps[last] = compiled_step(build_teacher_model(config, last_group))
 
   def step(state, images, labels, key):  # images [M, B, ...].

@@ -121,14 +121,11 @@ MUTANTS = {
         "if config.perturb.auto_num_examples < 1:",
         "if config.perturb.auto_num_examples < 0:",
         "tests/test_configs.py::test_validate_names_the_field"),
-    "student's partial last batch in one BatchNorm group": _one(
-        "divdistill_jax/distill.py", "make_student_task",
-        "else last // config.data.sampler_replicas)", "else last)",
+    "partial last batch in one BatchNorm group": _one(
+        "divdistill_jax/runtime.py", "partial_last_batch",
+        "else last // replicas", "else last",
         "tests/test_distill_step.py::"
-        "test_partial_last_batch_step_matches_reference"),
-    "teachers' partial last batch in one BatchNorm group": _one(
-        "divdistill_jax/teachers.py", "make_teacher_task",
-        "else last // config.data.sampler_replicas)", "else last)",
+        "test_partial_last_batch_step_matches_reference",
         "tests/test_groups.py::"
         "test_teacher_partial_last_batch_normalises_per_replica"),
     "the last partial batch dropped although drop_remainder is False": _one(

@@ -56,23 +56,35 @@ def _predictions(run_dir):
     return {k: f[k] for k in f.files}
 
 
-@pytest.mark.parametrize("overrides,named", [
+REFUSALS = [
     (["--config.kd.alpha=0.5"], "kd.alpha 0.9 -> 0.5"),
     (["--config.teacher.ensemble_size=3", "--config.student.ensemble_size=3"],
      "teacher.ensemble_size 2 -> 3"),
     (["--config.kd.temperature=2.0"], "kd.temperature 1.0 -> 2.0"),
-])
-def test_a_finished_stage_of_other_settings_is_refused(copy, overrides,
-                                                       named):
+]
+
+
+def test_a_finished_stage_of_other_settings_is_refused(copy):
   before = {name: _read(copy / name) for name in (
       "results.json", "teachers/step_size.json", "teachers/diversity.npz",
       "students/kd/predictions.npz")}
-  proc = _cli(copy, *overrides)
-  line = _one_error_line(proc)
-  assert named in line and "recompute" in line and "new --workdir" in line
-  assert proc.seconds < 60
-  for name, data in before.items():  # Nothing was rewritten.
-    assert _read(copy / name) == data, name
+  # The three commands at once, each on its own copy (one run per workdir);
+  # each stops before any work.
+  dirs = [copy] + [shutil.copytree(copy, f"{copy}_{i}") for i in (1, 2)]
+  start = time.time()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "divdistill_jax.main", *SMOKE,
+       f"--workdir={d}", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+           for d, (overrides, _) in zip(dirs, REFUSALS)]
+  for proc, (_, named) in zip(procs, REFUSALS):
+    _, proc.stderr = proc.communicate(timeout=120)
+    line = _one_error_line(proc)
+    assert named in line and "recompute" in line and "new --workdir" in line
+  assert time.time() - start < 90
+  for d in dirs:
+    for name, data in before.items():  # Nothing was rewritten.
+      assert _read(os.path.join(d, name)) == data, (d, name)
 
 
 def test_recompute_moves_the_old_stage_aside(copy):
@@ -141,19 +153,30 @@ def test_a_second_run_on_the_same_workdir_is_refused(smoke_pipeline,
                              rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("damage", ["state", "metadata"])
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
-    smoke_pipeline, tmp_path, damage):
+@pytest.fixture(scope="module")
+def stopped_student(smoke_pipeline, tmp_path_factory):
+  """A KD student stopped at step 12 (checkpoints 8 and 12 kept), its
+  teachers, its command line and the uninterrupted run's predictions."""
+  root = tmp_path_factory.mktemp("stopped")
   with smoke_pipeline.locked() as reference:
-    teachers = tmp_path / "teachers"
+    teachers = root / "teachers"
     shutil.copytree(os.path.join(reference, "teachers"), teachers)
     want = _predictions(os.path.join(reference, "students", "kd"))
-  student = tmp_path / "student"
   config = ["--config=configs/quickstart.py:kd,smoke",
             "--config.logging.progress_bar=False",
             f"--config.teacher.workdir={teachers}"]
-  proc = _cli(student, "--config.stop_after_step=12", config=config)
+  proc = _cli(root / "student", "--config.stop_after_step=12",
+              config=config)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return root / "student", config, want
+
+
+@pytest.mark.parametrize("damage", ["state", "metadata"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
+    stopped_student, tmp_path, damage):
+  student = tmp_path / "student"
+  shutil.copytree(stopped_student[0], student)
+  config, want = stopped_student[1:]
   latest = student / "checkpoints" / "12"
   if damage == "state":
     for root, _, files in os.walk(latest / "state"):
