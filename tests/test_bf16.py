@@ -16,7 +16,8 @@ def _models(**kwargs):
 def test_bf16_model_matches_fp32_with_fp32_state():
   fp32, bf16 = _models()
   x = jax.random.uniform(jax.random.key(0), (8, 16, 16, 3))
-  variables = fp32.init(jax.random.key(1), x, train=False)
+  variables = jax.jit(lambda k, x: fp32.init(k, x, train=False))(
+      jax.random.key(1), x)
 
   def train_apply(model):  # Jitted: eager bf16 convs are slow on CPU.
     return jax.jit(lambda v, x: model.apply(v, x, train=True,
@@ -47,13 +48,16 @@ def test_bf16_model_matches_fp32_with_fp32_state():
 def test_bf16_batchensemble_and_ods_norm():
   _, be = _models(ensemble_size=2)
   x = jax.random.uniform(jax.random.key(0), (2, 4, 16, 16, 3))
-  variables = be.init(jax.random.key(1), x, train=False)
+  # Jitted: eager bf16 convs are slow on CPU.
+  variables = jax.jit(lambda k, x: be.init(k, x, train=False))(
+      jax.random.key(1), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
   assert jax.jit(lambda v, x: be.apply(v, x, train=False))(
       variables, x).shape == (2, 4, 10)
 
   _, teacher = _models()
-  tvars = ensemble.init_members(teacher, jax.random.key(2), 2, x[0, :1])
+  tvars = jax.jit(lambda k: ensemble.init_members(teacher, k, 2, x[0, :1]))(
+      jax.random.key(2))
   # Interior pixels, so that clipping leaves the step alone.
   images = jax.random.uniform(jax.random.key(4), (4, 16, 16, 3),
                               minval=0.2, maxval=0.8)
