@@ -8,9 +8,9 @@ from divdistill_jax import ensemble, perturb
 from divdistill_jax.models import get_model
 
 
-def _models(**kwargs):
-  return (get_model("resnet8", num_classes=10, **kwargs),
-          get_model("resnet8", num_classes=10, dtype="bfloat16", **kwargs))
+def _models(name="resnet8", **kwargs):
+  return (get_model(name, num_classes=10, **kwargs),
+          get_model(name, num_classes=10, dtype="bfloat16", **kwargs))
 
 
 def test_bf16_model_matches_fp32_with_fp32_state():
@@ -46,7 +46,8 @@ def test_bf16_model_matches_fp32_with_fp32_state():
 
 
 def test_bf16_batchensemble_and_ods_norm():
-  _, be = _models(ensemble_size=2)
+  # The stem-only network: dtypes and the ODS norm do not need depth.
+  _, be = _models("resnet2_w4", ensemble_size=2)
   x = jax.random.uniform(jax.random.key(0), (2, 4, 16, 16, 3))
   # Jitted: eager bf16 convs are slow on CPU.
   variables = jax.jit(lambda k, x: be.init(k, x, train=False))(
@@ -55,7 +56,7 @@ def test_bf16_batchensemble_and_ods_norm():
   assert jax.jit(lambda v, x: be.apply(v, x, train=False))(
       variables, x).shape == (2, 4, 10)
 
-  _, teacher = _models()
+  _, teacher = _models("resnet2_w4")
   tvars = jax.jit(lambda k: ensemble.init_members(teacher, k, 2, x[0, :1]))(
       jax.random.key(2))
   # Interior pixels, so that clipping leaves the step alone.

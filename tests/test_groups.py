@@ -44,21 +44,19 @@ def test_grouped_student_step_is_the_same_on_one_and_two_devices(
 
 
 def test_grouped_pipeline_on_two_devices(tmp_path):
-  """Teachers, calibration, a ConfODS student and the table, with groups
-  on a 2-device mesh: every stage records the groups it ran with."""
+  """Teachers, a student and the table, with groups on a 2-device mesh:
+  every stage records the groups it ran with. (The per-group ODS draws of
+  a ConfODS step and of the calibration have their own tests.)"""
   workdir = str(tmp_path / "w")
-  config = grouped_config(devices=2,
-                          **{"pipeline.methods": "confods"})
+  config = grouped_config(devices=2, **{"pipeline.methods": "kd"})
   results = jobs.run_job(config, workdir)
   rows = {r["label"]: r for r in results["rows"]}
-  assert set(rows) == {"DE-1", "DE-2", "BE-2 KD+ConfODS"}
+  assert set(rows) == {"DE-1", "DE-2", "BE-2 KD"}
   assert all(np.isfinite(r["nll"]) for r in rows.values())
   with open(os.path.join(workdir, "teachers", "done.json")) as f:
     assert json.load(f)["stage_fields"]["teacher.bn_group_size"] == 16
-  with open(os.path.join(workdir, "students", "confods", "done.json")) as f:
+  with open(os.path.join(workdir, "students", "kd", "done.json")) as f:
     assert json.load(f)["stage_fields"]["student.bn_group_size"] == 8
-  with open(os.path.join(workdir, "teachers", "step_size.json")) as f:
-    assert json.load(f)["settings"]["group_size"] == 8
 
 
 def test_teacher_partial_last_batch_normalises_per_replica():
