@@ -20,10 +20,6 @@ from divdistill_jax import (analysis, calibrate, configlib, distill, evaluate,
                             logging_utils, runtime, stages, teachers,
                             workdir as workdir_lib)
 
-# Kept for callers of the earlier name.
-stage_config = stages.stage_config
-
-
 def _recompute(config: ml_collections.ConfigDict) -> set[str]:
   names = set(configlib.split_list(config.pipeline.recompute))
   if "all" in names:
