@@ -160,33 +160,18 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def finished_students(config: ml_collections.ConfigDict,
-                      workdir: str) -> list[tuple[str, str]]:
-  """(method, run dir) of the pipeline entries' finished students, in order.
-
-  Raises:
-    workdir.StageMismatch: a finished student of other settings than the
-      config's (stages.check_reusable).
-  """
-  t_dir = stages.teacher_dir(workdir)
-  teacher_fp = stages.recorded_fingerprint(t_dir, "teachers")
-  out = []
-  entries = configlib.pipeline_entries(config)
-  for entry in entries:
-    run_dir = stages.student_dir(workdir, entry)
-    if not stages.finished(run_dir, entry):
+def _log_left_out(config: ml_collections.ConfigDict, workdir: str,
+                  rows: list[str]) -> None:
+  """Says which student folders give no row, and why."""
+  for entry in configlib.pipeline_entries(config):
+    if stages.student_dir(workdir, entry) not in rows:
       logging_utils.log(f"   {entry}: not finished, no row")
-      continue
-    s_config = stages.stage_config(config, "distill", entry, t_dir)
-    stages.check_reusable(run_dir, entry, "student",
-                          stages.student_fields(s_config), teacher_fp)
-    out.append((s_config.perturb.method, run_dir))
   root = os.path.join(workdir, "students")
-  known = {os.path.basename(stages.student_dir(workdir, e)) for e in entries}
+  known = {os.path.basename(stages.student_dir(workdir, e))
+           for e in configlib.pipeline_entries(config)}
   others = sorted(set(os.listdir(root)) - known) if os.path.isdir(root) else []
   if others:
     logging_utils.log(f"   not in pipeline.methods, no row: {others}")
-  return out
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -206,13 +191,12 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise FileNotFoundError(
         f"No finished teachers in {teacher_dir!r}: run the pipeline (or the "
         "teachers job) with this --workdir first.")
-  stages.check_reusable(
-      teacher_dir, stages.TEACHERS, "teachers",
-      stages.teacher_fields(stages.stage_config(config, "teachers")))
+  finished = stages.check_finished(config, workdir)
+  _log_left_out(config, workdir, [d for _, d in finished])
   teacher_fp = stages.recorded_fingerprint(teacher_dir, "teachers")
   teacher_preds = load_predictions(teacher_dir)
   students, seconds, etas, prints = [], {}, {}, {}
-  for method, run_dir in finished_students(config, workdir):
+  for method, run_dir in finished:
     preds = load_predictions(run_dir)
     info = _done_info(run_dir)
     label = student_label(method, preds["test_probs"].shape[0],

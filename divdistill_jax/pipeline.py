@@ -45,19 +45,10 @@ def _check_finished_stages(config, workdir: str, entries: list[str],
     students = os.path.join(workdir, "students")
     if os.path.isdir(students):
       _set_aside(workdir, students, "students")
-  if stages.finished(t_dir, stages.TEACHERS):
-    stages.check_reusable(
-        t_dir, stages.TEACHERS, "teachers",
-        stages.teacher_fields(stages.stage_config(config, "teachers")))
-  teacher_fp = stages.recorded_fingerprint(t_dir, "teachers")
   for entry in entries:
-    run_dir = stages.student_dir(workdir, entry)
     if entry in recompute or "students" in recompute:
-      _set_aside(workdir, run_dir, entry)
-    if stages.finished(run_dir, entry):
-      s_config = stages.stage_config(config, "distill", entry, t_dir)
-      stages.check_reusable(run_dir, entry, "student",
-                            stages.student_fields(s_config), teacher_fp)
+      _set_aside(workdir, stages.student_dir(workdir, entry), entry)
+  stages.check_finished(config, workdir)
 
 
 def _calibration_and_diversity(config, t_dir: str, entries: list[str]):

@@ -125,3 +125,30 @@ def check_reusable(run_dir: str, name: str, kind: str, expected: dict,
         f"settings: {shown}. Use a new --workdir, or add "
         f"--config.pipeline.recompute={name} to recompute it (the old "
         "result is moved under replaced/ in the workdir, not deleted).")
+
+
+def check_finished(config: ml_collections.ConfigDict,
+                   workdir: str) -> list[tuple[str, str]]:
+  """Checks every finished stage of a pipeline workdir against `config`.
+
+  Returns:
+    (method, run dir) of the pipeline entries' finished students, in order.
+
+  Raises:
+    workdir.StageMismatch: a finished stage of other settings (the
+      teachers, or a student, whose teachers must also be the current ones).
+  """
+  t_dir = teacher_dir(workdir)
+  if finished(t_dir, TEACHERS):
+    check_reusable(t_dir, TEACHERS, "teachers",
+                   teacher_fields(stage_config(config, "teachers")))
+  teacher_fp = recorded_fingerprint(t_dir, "teachers")
+  out = []
+  for entry in configlib.pipeline_entries(config):
+    run_dir = student_dir(workdir, entry)
+    if finished(run_dir, entry):
+      s_config = stage_config(config, "distill", entry, t_dir)
+      check_reusable(run_dir, entry, "student", student_fields(s_config),
+                     teacher_fp)
+      out.append((s_config.perturb.method, run_dir))
+  return out
