@@ -53,6 +53,7 @@ def get_model(
     kernel_init: str = "fan_out_normal",
     bias_init: str = "uniform",
     bn_running_var: str = "unbiased",
+    remat: str = "none",
 ) -> nn.Module:
   """Builds a registered network.
 
@@ -75,6 +76,9 @@ def get_model(
     bias_init: the plain classifier's bias, 'uniform' (PyTorch) or 'zeros'.
     bn_running_var: 'unbiased' (PyTorch) or 'biased' (giung2-jax) batch
       variance in the BatchNorm running statistics.
+    remat: rematerialise every residual block in the backward pass:
+      'none', 'full' (save only the block's input) or 'convs' (save the
+      convolutions' outputs); `resnet.REMAT_POLICIES`.
 
   Returns:
     A Linen module called as `model.apply(variables, x, train=...)`.
@@ -99,4 +103,4 @@ def get_model(
     dense = functools.partial(layers.BatchEnsembleDense, bias_mode=bias_mode,
                               **be)
   return family(num_classes=num_classes, conv=conv, dense=dense, norm=norm,
-                mean=tuple(mean), std=tuple(std), **kwargs)
+                mean=tuple(mean), std=tuple(std), remat=remat, **kwargs)

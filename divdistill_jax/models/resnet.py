@@ -15,10 +15,34 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from divdistill_jax.models import layers
 
 ModuleDef = Callable[..., nn.Module]
+
+# What a rematerialised residual block keeps for the backward pass: nothing
+# but its input ('full': its forward runs again), or its convolutions'
+# outputs ('convs': only the norms and activations run again).
+REMAT_POLICIES = {
+    "full": None,
+    "convs": jax.checkpoint_policies.save_only_these_names("conv_out"),
+}
+
+
+def remat_block(block: type[nn.Module], remat: str) -> type[nn.Module]:
+  """`block`, rematerialised per `remat` ('none' returns it unchanged)."""
+  if remat == "none":
+    return block
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat {remat!r}; use 'none' or one of "
+                     f"{tuple(REMAT_POLICIES)}.")
+  return nn.remat(block, policy=REMAT_POLICIES[remat])
+
+
+def _conv_out(x: jax.Array) -> jax.Array:
+  """Names a convolution's output for the 'convs' remat policy."""
+  return checkpoint_name(x, "conv_out")
 
 
 def _gap(x: jax.Array) -> jax.Array:
@@ -45,9 +69,10 @@ class ResNetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = self.conv(self.features, kernel_size=3, strides=self.strides)(x)
+    h = _conv_out(self.conv(self.features, kernel_size=3,
+                            strides=self.strides)(x))
     h = nn.relu(self.norm()(h))
-    h = self.conv(self.features, kernel_size=3, strides=1)(h)
+    h = _conv_out(self.conv(self.features, kernel_size=3, strides=1)(h))
     h = self.norm()(h)
     return nn.relu(h + _option_a_shortcut(x, self.features, self.strides))
 
@@ -63,6 +88,7 @@ class CifarResNet(nn.Module):
   mean: Sequence[float]
   std: Sequence[float]
   width: int = 16
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -70,12 +96,14 @@ class CifarResNet(nn.Module):
       raise ValueError(f"ResNet depth must be 6n+2, got {self.depth}.")
     blocks = (self.depth - 2) // 6
     norm = _bind_norm(self.norm, train)
+    block_cls = remat_block(ResNetBlock, self.remat)
     x = layers.Normalize(self.mean, self.std)(x)
     x = nn.relu(norm()(self.conv(self.width, kernel_size=3, strides=1)(x)))
     for stage in range(3):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = ResNetBlock(self.width * 2**stage, strides, self.conv, norm)(x)
+        x = block_cls(self.width * 2**stage, strides, self.conv, norm,
+                      name=f"ResNetBlock_{stage * blocks + block}")(x)
     return self.dense(self.num_classes)(_gap(x)).astype(jnp.float32)
 
 
@@ -90,11 +118,13 @@ class PreActBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = self.conv
-    h = conv(self.features, kernel_size=3, strides=self.strides)(
-        nn.relu(self.norm()(x)))
-    h = conv(self.features, kernel_size=3, strides=1)(nn.relu(self.norm()(h)))
+    h = _conv_out(conv(self.features, kernel_size=3, strides=self.strides)(
+        nn.relu(self.norm()(x))))
+    h = _conv_out(conv(self.features, kernel_size=3, strides=1)(
+        nn.relu(self.norm()(h))))
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = self.conv(self.features, kernel_size=1, strides=self.strides)(x)
+      x = _conv_out(self.conv(self.features, kernel_size=1,
+                              strides=self.strides)(x))
     return h + x
 
 
@@ -109,6 +139,7 @@ class PreActWideResNet(nn.Module):
   norm: ModuleDef
   mean: Sequence[float]
   std: Sequence[float]
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -116,13 +147,14 @@ class PreActWideResNet(nn.Module):
       raise ValueError(f"WRN depth must be 6n+4, got {self.depth}.")
     blocks = (self.depth - 4) // 6
     norm = _bind_norm(self.norm, train)
+    block_cls = remat_block(PreActBlock, self.remat)
     x = layers.Normalize(self.mean, self.std)(x)
     x = self.conv(16, kernel_size=3, strides=1)(x)
     for stage in range(3):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = PreActBlock(16 * self.widen * 2**stage, strides, self.conv,
-                        norm)(x)
+        x = block_cls(16 * self.widen * 2**stage, strides, self.conv, norm,
+                      name=f"PreActBlock_{stage * blocks + block}")(x)
     x = nn.relu(norm()(x))
     return self.dense(self.num_classes)(_gap(x)).astype(jnp.float32)
 
