@@ -70,12 +70,22 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+# How a step is computed, not what it computes: memory and speed settings
+# that give the same update to float rounding. They are left out of stage
+# fingerprints, and a run may resume with other values (a run that ran out
+# of memory resumes with microbatches or remat).
+MEMORY_FIELDS = ("model.ensemble_strategy", "model.remat",
+                 "teacher.microbatches", "student.microbatches",
+                 "data.on_device")
+
+
 def model_options(config: ml_collections.ConfigDict) -> dict:
-  """The config's initialisation and BatchNorm options for
-  `models.get_model`."""
+  """The config's initialisation, BatchNorm and rematerialisation options
+  for `models.get_model`."""
   return {"kernel_init": config.model.kernel_init,
           "bias_init": config.model.classifier_bias_init,
-          "bn_running_var": config.model.bn_running_var}
+          "bn_running_var": config.model.bn_running_var,
+          "remat": config.model.remat}
 
 
 def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -114,6 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
   # follow it).
   c.data.drop_remainder = True
   c.data.sampler_replicas = 1
+  # Keep the training split on every device and gather batches there (only
+  # indices travel); False: gather in host memory and transfer the images
+  # (splits too large for device memory). The same batches either way.
+  c.data.on_device = True
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet20"
@@ -126,6 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.kernel_init = "fan_out_normal"
   c.model.classifier_bias_init = "uniform"
   c.model.bn_running_var = "unbiased"
+  # Rematerialisation of every residual block in the backward pass:
+  # 'none', 'full' (keep only the block's input, recompute the block) or
+  # 'convs' (keep the convolutions' outputs, recompute the norms and
+  # activations). Same gradients, less activation memory (experiments/plan.py).
+  c.model.remat = "none"
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.ensemble_size = 4
@@ -134,6 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.optim = optim_config(learning_rate=0.1)
   # Ghost BatchNorm: images per statistics group (None = whole batch).
   c.teacher.bn_group_size = config_dict.placeholder(int)
+  # Gradient accumulation over k microbatches of whole BatchNorm groups:
+  # the same step with 1/k of the activation memory (accumulate.py).
+  c.teacher.microbatches = 1
   c.teacher.eval_every_epochs = 1
   c.teacher.eval_final_epochs = 0
   # Teachers workdir used by the distill job (pipeline sets it itself).
@@ -164,6 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.optim = optim_config(learning_rate=0.1, fast_learning_rate=0.05)
   # Images per BN group; all M member copies of those images share it.
   c.student.bn_group_size = config_dict.placeholder(int)
+  c.student.microbatches = 1  # As teacher.microbatches.
   c.student.eval_every_epochs = 1
   c.student.eval_final_epochs = 0
 
@@ -294,6 +317,7 @@ _CHOICES = {
     "model.kernel_init": ("fan_out_normal", "fan_in_truncated"),
     "model.classifier_bias_init": ("uniform", "zeros"),
     "model.bn_running_var": ("unbiased", "biased"),
+    "model.remat": ("none", "full", "convs"),
     "model.dtype": ("float32", "bfloat16"),
     "model.ensemble_strategy": ("unroll", "vmap"),
     "eval.schedule": ("every", "official"),
@@ -332,6 +356,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "perturb.num_steps", "eval.batch_size", "checkpoint.every_steps",
       "checkpoint.keep", "logging.every_steps", "teacher.eval_every_epochs",
       "student.eval_every_epochs", "data.sampler_replicas",
+      "teacher.microbatches", "student.microbatches",
   )
   for field in positive:
     value = _get(config, field)
@@ -355,6 +380,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(
           f"config.{who}.bn_group_size = {group} must be >= 1 and divide "
           f"config.{who}.batch_size = {batch}.")
+    k = config[who].microbatches
+    if k > 1 and (group is None or batch % (k * group)):
+      raise ValueError(
+          f"config.{who}.microbatches = {k} must split the batch into whole "
+          f"BatchNorm groups: config.{who}.bn_group_size = {group} must be "
+          f"set and {k} x {group} must divide config.{who}.batch_size = "
+          f"{batch} (a microbatch normalised by its own statistics would "
+          "change the step).")
     if not config.data.drop_remainder:
       if batch % replicas:
         raise ValueError(

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from divdistill_jax import (calibrate, data, latentbe, logging_utils, optim,
-                            parallel, perturb, runtime, stages, step, teachers,
-                            train)
+from divdistill_jax import (accumulate, calibrate, data, latentbe,
+                            logging_utils, optim, parallel, perturb, runtime,
+                            stages, step, teachers, train)
 from divdistill_jax import workdir as workdir_lib
 from divdistill_jax.student import Student, predict_fn
 
@@ -32,7 +32,8 @@ def student_optim(config: ml_collections.ConfigDict) -> dict:
 
 
 def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
-                      teacher_model, teacher_vars) -> train.Task:
+                      teacher_model, teacher_vars, *,
+                      abstract: bool = False) -> train.Task:
   """Builds the distillation Task.
 
   Args:
@@ -42,6 +43,9 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
     splits: the data splits (uint8 images).
     teacher_model: the plain teacher network.
     teacher_vars: stacked teacher variables.
+    abstract: the state (and `teacher_vars` as given) are
+      jax.ShapeDtypeStructs and nothing is computed: for ahead-of-time
+      compilation and export of `Task.step_fns`.
   """
   spec = step.StepSpec.from_config(config)
   scfg = config.student
@@ -49,6 +53,9 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
   parallel.check_batch_size(batch, mesh, "student.batch_size")
   parallel.check_bn_group_size(scfg.bn_group_size, batch, mesh,
                                "student.bn_group_size")
+  shards = mesh.devices.size
+  accumulate.check(batch, scfg.microbatches, scfg.bn_group_size, shards,
+                   "student.microbatches")
   train_images, train_labels = splits["train"]
   n = len(train_images)
   sampler = dict(replicas=config.data.sampler_replicas,
@@ -68,36 +75,45 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
     return train.new_state(params, variables["batch_stats"], tx.init(params),
                            num_selected=1)
 
-  state = init(jax.random.fold_in(jax.random.key(config.seed), 2))
+  key = jax.random.fold_in(jax.random.key(config.seed), 2)
+  state = jax.eval_shape(init, key) if abstract else init(key)
 
-  def compiled_step(group: int | None, images: int):
+  def compiled_step(group: int | None, images: int, microbatches: int):
     """The jitted step for batches of `images` with BatchNorm groups (and
     one ODS draw per group) of `group` images."""
     fused = None
     if scfg.fused_passes and not perturb.is_identity(spec.method):
-      fused = Student(config, group or images)
+      fused = Student(config, group or images // microbatches)
     return jax.jit(functools.partial(
         step.student_train_step, student=Student(config, group), fused=fused,
         teacher_model=teacher_model, tx=tx,
-        spec=dataclasses.replace(spec, perturb=dataclasses.replace(
-            spec.perturb, group_size=group))), donate_argnums=0)
+        spec=dataclasses.replace(
+            spec, microbatches=microbatches, shards=shards,
+            perturb=dataclasses.replace(spec.perturb, group_size=group))),
+        donate_argnums=0)
 
-  steps = {batch: compiled_step(scfg.bn_group_size, batch)}
+  steps = {batch: compiled_step(scfg.bn_group_size, batch,
+                                scfg.microbatches)}
   partial = runtime.partial_last_batch(n, batch, scfg.bn_group_size, config,
                                        mesh)
   if partial is not None:
     last, last_group = partial
-    steps[last] = compiled_step(last_group, last)
-  teacher_vars = parallel.replicate(teacher_vars, mesh)
+    steps[last] = compiled_step(
+        last_group, last, accumulate.for_partial_batch(
+            last, last_group, scfg.microbatches, shards))
+  if not abstract:
+    teacher_vars = parallel.replicate(teacher_vars, mesh)
 
   def train_step(state, images, labels, key):
     return steps[images.shape[0]](state, images, labels, key, teacher_vars)
 
+  gather = parallel.BatchGatherer(train_images, train_labels, mesh,
+                                  on_device=config.data.on_device
+                                  and not abstract)
+
   def batch_fn(step_index: int):
-    idx = data.batch_indices(config.seed, step_index, n, batch, **sampler)
-    local = data.process_slice(idx, jax.process_index(), jax.process_count())
-    return (parallel.global_batch(train_images[local], mesh),
-            parallel.global_batch(train_labels[local], mesh))
+    return gather(data.batch_indices(config.seed, step_index, n, batch,
+                                     **sampler))
 
   extra, select = None, None
   if student.kind == "latentbe":
@@ -111,6 +127,7 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
       state=state, train_step=train_step, batch_fn=batch_fn,
       predict_fn=predict_fn(student), extra_predictions=extra,
       selection_fn=select,
+      step_fns=steps, step_args=(teacher_vars,),
       selection="mean", steps_per_epoch=steps_per_epoch, epochs=scfg.epochs,
       images_per_step=batch,
       eval_epochs=train.eval_epochs(scfg.epochs, scfg.eval_every_epochs,

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from divdistill_jax import augment, ensemble, losses, perturb, train
+from divdistill_jax import (accumulate, augment, ensemble, losses, perturb,
+                            train)
 from divdistill_jax.student import Student
 
 
@@ -78,6 +79,11 @@ class StepSpec:
       the official BatchNorm threading clean -> perturbed). Only alpha = 1
       may turn it off: the follow-up paper's recipe, one pass on the
       perturbed images.
+    microbatches: k; the student's passes and gradient are accumulated over
+      k microbatches of whole BatchNorm groups (accumulate.py). The
+      perturbation and the teacher targets see the whole batch.
+    shards: devices the batch is split over (each keeps its own images in
+      every microbatch).
   """
 
   method: str
@@ -89,6 +95,8 @@ class StepSpec:
   flip: bool = False
   strategy: str = "unroll"
   clean_pass: bool = True
+  microbatches: int = 1
+  shards: int = 1
 
   def __post_init__(self):
     if not self.clean_pass and self.alpha != 1.0:
@@ -103,7 +111,8 @@ class StepSpec:
         alpha=config.kd.alpha, temperature=config.kd.temperature,
         pairing=config.student.pairing, padding=config.data.crop_padding,
         flip=config.data.flip, strategy=config.model.ensemble_strategy,
-        clean_pass=config.kd.clean_pass)
+        clean_pass=config.kd.clean_pass,
+        microbatches=config.student.microbatches)
 
 
 def student_train_step(state: train.TrainState, images, labels, base_key,
@@ -144,7 +153,8 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
   targets = losses.distillation_targets(
       jax.lax.stop_gradient(teacher_logits), temperature, spec.pairing, m)
 
-  def loss_fn(params):
+  def loss_fn(params, batch):
+    x, x_kd, labels, targets = batch
     variables = {"params": params, "batch_stats": state.batch_stats}
     if perturb.is_identity(spec.method):
       clean, batch_stats = student.apply(variables, tile(x), train=True)
@@ -168,8 +178,13 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
     acc = (clean.argmax(-1) == labels[None]).mean()
     return loss, (batch_stats, ce, kd, acc)
 
-  (loss, (batch_stats, ce, kd, acc)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  batch = (x, x_kd, labels, targets)
+  k = spec.microbatches
+  if k > 1:
+    batch = tuple(accumulate.split(a, k, spec.shards, axis=axis)
+                  for a, axis in zip(batch, (0, 0, 0, 1)))
+  (loss, (batch_stats, ce, kd, acc)), grads = accumulate.mean_value_and_grad(
+      loss_fn, state.params, batch, k)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(jnp.add, state.params, updates)
   delta = (x_kd - x).reshape(x.shape[0], -1)

@@ -20,8 +20,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from divdistill_jax import (augment, checkpointing, configlib, data, ensemble,
-                            losses, models, optim, parallel, runtime, train)
+from divdistill_jax import (accumulate, augment, checkpointing, configlib,
+                            data, ensemble, losses, models, optim, parallel,
+                            runtime, train)
 from divdistill_jax import workdir as workdir_lib
 
 
@@ -43,7 +44,8 @@ def build_teacher_model(config: ml_collections.ConfigDict,
 
 
 def teacher_train_step(state: train.TrainState, images, labels, base_key, *,
-                       model, tx, strategy: str, padding: int, flip: bool):
+                       model, tx, strategy: str, padding: int, flip: bool,
+                       microbatches: int = 1, shards: int = 1):
   """One SGD step of all M members.
 
   Args:
@@ -56,6 +58,9 @@ def teacher_train_step(state: train.TrainState, images, labels, base_key, *,
     strategy: 'vmap' or 'unroll' over members.
     padding: crop padding.
     flip: random horizontal flips.
+    microbatches: k; the gradient is accumulated over k microbatches of
+      whole BatchNorm groups (accumulate.py).
+    shards: devices the batch axis is split over.
 
   Returns:
     (new state, metrics: mean member CE 'loss', 'accuracy', 'param_norm').
@@ -69,13 +74,18 @@ def teacher_train_step(state: train.TrainState, images, labels, base_key, *,
     acc = (logits.argmax(-1) == ym).mean()
     return losses.cross_entropy(logits, ym), (new["batch_stats"], acc)
 
-  def loss_fn(params):
+  def loss_fn(params, batch):
     loss, (batch_stats, acc) = ensemble.map_members(
-        member_loss, params, state.batch_stats, x, labels, strategy=strategy)
+        member_loss, params, state.batch_stats, *batch, strategy=strategy)
     return loss.sum(), (loss, batch_stats, acc)
 
-  grads, (member_loss_values, batch_stats, acc) = jax.grad(
-      loss_fn, has_aux=True)(state.params)
+  batch = (x, labels)
+  if microbatches > 1:  # The image axis is axis 1, after the members.
+    batch = tuple(accumulate.split(a, microbatches, shards, axis=1)
+                  for a in batch)
+  (_, (member_loss_values, batch_stats, acc)), grads = (
+      accumulate.mean_value_and_grad(loss_fn, state.params, batch,
+                                     microbatches))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(jnp.add, state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params,
@@ -87,13 +97,18 @@ def teacher_train_step(state: train.TrainState, images, labels, base_key, *,
 
 
 def make_teacher_task(config: ml_collections.ConfigDict, mesh,
-                      splits: dict) -> train.Task:
-  """Builds the teacher Task (state on the mesh, jitted step, batches)."""
+                      splits: dict, *, abstract: bool = False) -> train.Task:
+  """Builds the teacher Task (state on the mesh, jitted step, batches);
+  with `abstract` the state is jax.ShapeDtypeStructs and nothing is
+  computed (ahead-of-time compilation and export of `Task.step_fns`)."""
   tcfg = config.teacher
   m, batch = tcfg.ensemble_size, tcfg.batch_size
   parallel.check_batch_size(batch, mesh, "teacher.batch_size")
   parallel.check_bn_group_size(tcfg.bn_group_size, batch, mesh,
                                "teacher.bn_group_size")
+  shards = mesh.devices.size
+  accumulate.check(batch, tcfg.microbatches, tcfg.bn_group_size, shards,
+                   "teacher.microbatches")
   train_images, train_labels = splits["train"]
   n = len(train_images)
   sampler = dict(replicas=config.data.sampler_replicas,
@@ -112,34 +127,39 @@ def make_teacher_task(config: ml_collections.ConfigDict, mesh,
     return train.new_state(params, variables["batch_stats"], tx.init(params),
                            num_selected=m)
 
-  state = init(jax.random.fold_in(jax.random.key(config.seed), 1))
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  state = jax.eval_shape(init, key) if abstract else init(key)
   strategy = config.model.ensemble_strategy
 
-  def compiled_step(step_model):
+  def compiled_step(step_model, microbatches):
     return jax.jit(
         functools.partial(teacher_train_step, model=step_model, tx=tx,
                           strategy=strategy, padding=config.data.crop_padding,
-                          flip=config.data.flip),
+                          flip=config.data.flip, microbatches=microbatches,
+                          shards=shards),
         donate_argnums=0)
 
-  steps = {batch: compiled_step(model)}
+  steps = {batch: compiled_step(model, tcfg.microbatches)}
   partial = runtime.partial_last_batch(n, batch, tcfg.bn_group_size, config,
                                        mesh)
   if partial is not None:
     last, last_group = partial
-    steps[last] = compiled_step(build_teacher_model(config, last_group))
+    steps[last] = compiled_step(
+        build_teacher_model(config, last_group),
+        accumulate.for_partial_batch(last, last_group, tcfg.microbatches,
+                                     shards))
 
   def step(state, images, labels, key):  # images [M, B, ...].
     return steps[images.shape[1]](state, images, labels, key)
 
-  def batch_fn(step_index: int):
-    idx = np.stack([data.batch_indices(config.seed, step_index, n, batch,
-                                       stream=member, **sampler)
-                    for member in range(m)])
-    local = np.stack([data.process_slice(i, jax.process_index(),
-                                         jax.process_count()) for i in idx])
-    return (parallel.global_batch(train_images[local], mesh, axis=1),
-            parallel.global_batch(train_labels[local], mesh, axis=1))
+  gather = parallel.BatchGatherer(train_images, train_labels, mesh,
+                                  on_device=config.data.on_device
+                                  and not abstract, axis=1)
+
+  def batch_fn(step_index: int):  # Member m's own order: stream m.
+    return gather(np.stack([
+        data.batch_indices(config.seed, step_index, n, batch, stream=member,
+                           **sampler) for member in range(m)]))
 
   probs = ensemble.probs_fn(model, strategy)
 
@@ -149,7 +169,7 @@ def make_teacher_task(config: ml_collections.ConfigDict, mesh,
 
   return train.Task(
       name="teachers", state=state, train_step=step, batch_fn=batch_fn,
-      predict_fn=predict, selection="member",
+      predict_fn=predict, selection="member", step_fns=steps,
       steps_per_epoch=steps_per_epoch, epochs=tcfg.epochs,
       images_per_step=m * batch,
       eval_epochs=train.eval_epochs(tcfg.epochs, tcfg.eval_every_epochs,

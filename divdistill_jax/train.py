@@ -104,6 +104,12 @@ class Task:
   # accuracy selects the checkpoint instead of the members' (e.g. a LatentBE
   # student's merged network); None = `selection` as above.
   selection_fn: Callable[..., jax.Array] | None = None
+  # The jitted steps behind `train_step`, by images per step (per member
+  # for teachers), and the arguments they take after (state, images,
+  # labels, key): for ahead-of-time compilation and export
+  # (experiments/plan.py, tests/test_export.py).
+  step_fns: dict[int, Any] = dataclasses.field(default_factory=dict)
+  step_args: tuple = ()
 
 
 class TrainingDiverged(RuntimeError):
@@ -148,7 +154,7 @@ def config_differences(saved: dict, current: dict,
     if not prefix and key in _RESUMABLE_FIELDS:
       continue
     path = prefix + key
-    if path in _PATH_FIELDS:
+    if path in _PATH_FIELDS or path in configlib.MEMORY_FIELDS:
       continue
     default = defaults.get(key) if isinstance(defaults, dict) else None
     if key not in current:

@@ -45,7 +45,7 @@ _NOT_RESULTS = ("job", "logging", "checkpoint", "compile_cache_dir",
 # Fields that do not change a result either: paths, how members are
 # batched (equal results by construction), evaluation batching.
 _NOT_RESULT_FIELDS = ("data.data_dir", "teacher.workdir", "eval.batch_size",
-                      "model.ensemble_strategy")
+                      *configlib.MEMORY_FIELDS)
 _TEACHER_SECTIONS = ("seed", "data", "model", "teacher", "eval.schedule")
 # The student's result also depends on its teachers, through their own
 # fingerprint (recorded separately), not through the student's copy of the
