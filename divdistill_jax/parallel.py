@@ -89,3 +89,54 @@ def global_batch(local: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
 def replicate(tree, mesh: Mesh):
   """Puts a pytree on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))
+
+
+class BatchGatherer:
+  """Training batches by global indices, as global arrays on the mesh.
+
+  With `on_device` the split is copied once to every device and a batch is
+  gathered there (only the indices travel); otherwise each process gathers
+  its share in host memory and transfers the images. Both give the same
+  arrays.
+
+  Args:
+    images: uint8 [N, H, W, C], the whole split (every process).
+    labels: int32 [N].
+    mesh: the device mesh.
+    on_device: keep the split on the devices.
+    axis: the batch axis of the index arrays (1 for the teachers' [M, B]).
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, mesh: Mesh, *,
+               on_device: bool, axis: int = 0):
+    self._images, self._labels = images, labels
+    self._mesh, self._axis = mesh, axis
+    self._gather = None
+    if on_device:
+      self._images = jax.device_put(images, replicated(mesh))
+      self._labels = jax.device_put(labels, replicated(mesh))
+      self._gather = {}
+
+  def __call__(self, indices: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """indices int [..., B] (global) -> (images [..., B, H, W, C], labels
+    [..., B]) sharded on the batch axis."""
+    axis, mesh = self._axis, self._mesh
+    if self._gather is None:
+      local = np.take(indices, _process_range(indices.shape[axis]), axis)
+      return (global_batch(self._images[local], mesh, axis),
+              global_batch(self._labels[local], mesh, axis))
+    ndim = indices.ndim
+    if ndim not in self._gather:
+      out = (batch_sharding(mesh, ndim + 3, axis),
+             batch_sharding(mesh, ndim, axis))
+      self._gather[ndim] = jax.jit(lambda x, y, i: (x[i], y[i]),
+                                   out_shardings=out)
+    return self._gather[ndim](self._images, self._labels,
+                              np.asarray(indices, np.int32))
+
+
+def _process_range(batch: int) -> np.ndarray:
+  """This process's contiguous share of a global batch axis."""
+  per_process = batch // jax.process_count()
+  start = jax.process_index() * per_process
+  return np.arange(start, start + per_process)

@@ -12,6 +12,10 @@ and, on known GPUs, the fraction of the card's peak.
   python experiments/benchmark.py --out=/tmp/bench_gpu
   # FLOP counts of the paper's shapes only (no device time; works on CPU).
   python experiments/benchmark.py --flops_only --out=/tmp/bench_flops
+  # The input path (index, gather, transfer) of every paper config, beside
+  # the rate the plan's H200 lower bound would consume.
+  python experiments/benchmark.py --input_path \
+    --plan=experiments/results/plan/plan.json --out=/tmp/bench_input
 
 Writes `benchmark.json` and `benchmark.md` into --out. Ratios are only
 meaningful between rows of the same run (same machine, same moment).
@@ -301,6 +305,100 @@ def markdown(rows: list[dict], header: dict) -> str:
   return "\n".join(out) + "\n"
 
 
+INPUT_CONFIGS = ("cifar100_wrn28x10", "cifar100_wrn28x4", "cifar10_resnet32",
+                 "tinyimagenet")
+# How batches were made before (a fresh epoch permutation per call and a
+# host gather), the host gather with the cached permutation, and the
+# default: the split on the devices.
+INPUT_PATHS = ("host, uncached", "host", "device")
+
+
+def input_path(repeats: int, plan: str | None) -> list[dict]:
+  """Times `Task.batch_fn` of every paper config's teachers and students on
+  a synthetic split of the real size, through each input path, and the
+  images/s an H200 would consume at the plan's lower-bound step time."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+
+  from divdistill_jax import configlib, data, distill, parallel, teachers
+  bounds = {}
+  if plan:
+    with open(plan) as f:
+      for r in json.load(f)["rows"]:
+        if (r["devices"] == 1 and r["groups"] and r["microbatches"] == 1
+            and r["remat"] == "none" and r["kind"] != "eval"):
+          h200 = r["estimates"].get("H200 141GB")
+          key = (r["config_file"], r["kind"], r["dtype"])
+          if h200 and (key not in bounds or h200["ms"] < bounds[key]):
+            bounds[key] = h200["ms"]  # The fastest step of the role.
+  rows = []
+  mesh = parallel.make_mesh(1)
+  for name in INPUT_CONFIGS:
+    config = configlib.from_file(os.path.join(ROOT, "configs", f"{name}.py"))
+    info = data.dataset_info(config.data.name)
+    n = {"cifar10": 50000, "cifar100": 50000,
+         "tinyimagenet": 100000}[config.data.name] - info.num_validation
+    rng = np.random.default_rng(0)
+    splits = {"train": (
+        rng.integers(0, 256, (n, *info.image_shape), dtype=np.uint8),
+        rng.integers(0, info.num_classes, n, dtype=np.int32))}
+    for kind in ("teacher", "student"):
+      images_per_step = (config.teacher.batch_size
+                         * config.teacher.ensemble_size if kind == "teacher"
+                         else config.student.batch_size)
+      row = {"config": name, "kind": kind, "images_per_step": images_per_step,
+             "image_shape": list(info.image_shape)}
+      for path in INPUT_PATHS:
+        c = config.copy_and_resolve_references()
+        c.unlock()
+        c.data.on_device = path == "device"
+        c.perturb.step_size = 1.0
+        c.lock()
+        if kind == "teacher":
+          task = teachers.make_teacher_task(c, mesh, splits, abstract=True)
+        else:
+          # Only batch_fn runs: the step's teachers are not needed.
+          task = distill.make_student_task(
+              c, mesh, splits, teachers.build_teacher_model(c), None,
+              abstract=True)
+        jax.block_until_ready(task.batch_fn(0))
+        times = []
+        for step in range(1, repeats + 1):
+          if path == "host, uncached":
+            data.epoch_permutation.cache_clear()
+          t0 = time.perf_counter()
+          jax.block_until_ready(task.batch_fn(step))
+          times.append(time.perf_counter() - t0)
+        row[path] = images_per_step / statistics.median(times)
+      for dtype in ("float32", "bfloat16"):
+        ms = bounds.get((name, kind, dtype))
+        row[f"h200_{dtype}"] = None if ms is None else images_per_step / (
+            ms / 1e3)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  return rows
+
+
+def input_markdown(rows: list[dict], header: dict) -> str:
+  out = [f"Host: {header['device']}, jax {header['jax']}, {header['date']}. "
+         f"`{header['command']}`", "",
+         "Images/s of `Task.batch_fn` (indices, gather, transfer; the "
+         "augmentation runs in the step), median of the calls; the last "
+         "columns: what an H200 consumes at the plan's lower-bound step "
+         "time of the role's fastest step.", "",
+         "| config | role | images/step | " + " | ".join(INPUT_PATHS)
+         + " | H200 fp32 bound | H200 bf16 bound |",
+         "|---|---|---:|" + "---:|" * (len(INPUT_PATHS) + 2)]
+  for r in rows:
+    out.append(f"| {r['config']} | {r['kind']} | {r['images_per_step']} | "
+               + " | ".join(f"{r[p]:,.0f}" for p in INPUT_PATHS) + " | "
+               + " | ".join("–" if r[f"h200_{d}"] is None
+                            else f"{r[f'h200_{d}']:,.0f}"
+                            for d in ("float32", "bfloat16")) + " |")
+  return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="Output folder.")
@@ -316,6 +414,11 @@ def main(argv=None) -> dict:
                       help="Keep cases whose name contains this text.")
   parser.add_argument("--host_devices", type=int, default=2,
                       help="CPU devices to expose (set before JAX starts).")
+  parser.add_argument("--input_path", action="store_true",
+                      help="Time the input path of the paper configs.")
+  parser.add_argument("--plan", default=None,
+                      help="plan.json of experiments/plan.py, for the rate "
+                      "the input path must reach.")
   args = parser.parse_args(argv)
   if "jax" not in sys.modules:
     os.environ["XLA_FLAGS"] = (
@@ -334,8 +437,17 @@ def main(argv=None) -> dict:
             "command": " ".join(["python experiments/benchmark.py",
                                  *(argv if argv is not None
                                    else sys.argv[1:])])}
-  rows = []
   os.makedirs(args.out, exist_ok=True)
+  if args.input_path:
+    rows = input_path(args.repeats, args.plan)
+    from divdistill_jax import fileio  # pylint: disable=g-import-not-at-top
+    fileio.write_json(os.path.join(args.out, "input_path.json"),
+                      {"header": header, "rows": rows}, indent=2)
+    text = input_markdown(rows, header)
+    fileio.write_text(os.path.join(args.out, "input_path.md"), text)
+    print(text)
+    return {"header": header, "rows": rows}
+  rows = []
   for case in cases:
     if case.devices and case.devices > jax.device_count():
       continue

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from divdistill_jax import augment, data
+from divdistill_jax import augment, data, parallel
 
 
 def test_fashion_mnist_real_files():
@@ -285,3 +285,29 @@ def test_paper_epochs_take_the_official_step_counts():
     assert config.data.sampler_replicas == replicas
   # Dropping the remainder (the default elsewhere) keeps full batches.
   assert data.steps_per_epoch(45000, 64) == 703
+
+
+def test_batches_gathered_on_the_devices_equal_the_host_gather():
+  """Both input paths give the same global arrays and shardings, for the
+  students' [B] and the teachers' [M, B] indices on a 2-device mesh."""
+  mesh = parallel.make_mesh(2)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, 40).astype(np.int32)
+  for indices, axis in ((rng.permutation(40)[:8], 0),
+                        (np.stack([rng.permutation(40)[:6]
+                                   for _ in range(3)]), 1)):
+    got = [parallel.BatchGatherer(images, labels, mesh, on_device=d,
+                                  axis=axis)(indices) for d in (True, False)]
+    for (a, b), want in zip(zip(*got), (images[indices], labels[indices])):
+      np.testing.assert_array_equal(a, want)
+      np.testing.assert_array_equal(b, want)
+      assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+      assert a.sharding.spec[axis] == "data"
+
+
+def test_epoch_permutation_is_cached_and_read_only():
+  a = data.epoch_permutation(3, 2, 50, 1)
+  assert data.epoch_permutation(3, 2, 50, 1) is a
+  assert not a.flags.writeable
+  assert not np.array_equal(a, data.epoch_permutation(3, 2, 50, 0))
