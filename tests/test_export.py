@@ -112,3 +112,64 @@ def test_teacher_step_exports_for_every_platform(dtype, devices):
                            lead=(m,))
   exp = _exported(fn, task.state, images, labels, _key(mesh))
   assert exp.nr_devices == devices
+
+
+def test_steps_compile_for_a_tpu_topology():
+  """With the `tpu` extra installed, XLA:TPU compiles the teacher step and a
+  ConfODS student step for one chip of a v5e 2x2 slice, deviceless (the
+  test is skipped without it: libtpu is large)."""
+  pytest.importorskip("libtpu")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    desc = topologies.get_topology_desc("v5e:2x2", "tpu")
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"no deviceless TPU compiler here: {e}")
+  tpu = jax.sharding.Mesh(np.asarray(desc.devices[:1]), ("data",))
+  cpu = parallel.make_mesh(1)
+
+  def on_tpu(tree, axis=None):
+    def put(a):
+      sharding = (parallel.replicated(tpu) if axis is None
+                  else parallel.batch_sharding(tpu, len(a.shape), axis))
+      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+    return jax.tree.map(put, tree)
+
+  config = _config("confods", "bfloat16", 1)
+  task = _student_task(config, cpu)
+  (fn,) = task.step_fns.values()
+  images, labels = _images(config, cpu, config.student.batch_size)
+  compiled = fn.lower(on_tpu(task.state), on_tpu(images, 0),
+                      on_tpu(labels, 0), on_tpu(_key(cpu)),
+                      *on_tpu(task.step_args)).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes > 0
+  task = teachers.make_teacher_task(config, cpu, _splits(config),
+                                    abstract=True)
+  (fn,) = task.step_fns.values()
+  images, labels = _images(config, cpu, config.teacher.batch_size, axis=1,
+                           lead=(config.teacher.ensemble_size,))
+  fn.lower(on_tpu(task.state), on_tpu(images, 1), on_tpu(labels, 1),
+           on_tpu(_key(cpu))).compile()
+
+
+@pytest.mark.parametrize("entry", ["kd", "confods"])
+def test_the_student_step_is_data_parallel(entry):
+  """On a 2-device mesh each device runs its own images: the compiled
+  step gathers no activations across devices (only the gradient's
+  all-reduce), and a device holds about half the activations. (A
+  member-major merge of the tiled batch once made XLA gather the whole
+  batch onto every device.)"""
+  temps = {}
+  for devices in (1, 2):
+    config = stages.stage_config(
+        grouped_config("kd,smoke", devices, **{"model.name": "resnet8"}),
+        "distill", entry)
+    mesh = parallel.make_mesh(devices)
+    task = _student_task(config, mesh)
+    (fn,) = task.step_fns.values()
+    compiled = fn.lower(task.state, *_images(config, mesh,
+                                             config.student.batch_size),
+                        _key(mesh), *task.step_args).compile()
+    if devices == 2:
+      assert "all-gather" not in compiled.as_text()
+    temps[devices] = compiled.memory_analysis().temp_size_in_bytes
+  assert temps[2] < 0.75 * temps[1], temps

@@ -67,13 +67,25 @@ def normal_around_one(std: float):
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
            dtype: Dtype) -> jax.Array:
-  """NHWC conv with symmetric zero padding over any leading batch axes."""
+  """NHWC conv with symmetric zero padding over any leading batch axes.
+
+  Members' copies [M, B, ...] are merged image-major, [B * M, ...]: the
+  image axis B is the one split over devices, and only a merge that keeps
+  it major keeps each device's images on it (a member-major [M * B] merge
+  is not a tiling of the devices' shares, and XLA gathers the whole batch
+  onto every device).
+  """
   lead = x.shape[:-3]
-  flat = x.reshape((-1, *x.shape[-3:])).astype(dtype)
+  if len(lead) == 2:
+    flat = jnp.swapaxes(x, 0, 1).reshape((-1, *x.shape[-3:])).astype(dtype)
+  else:
+    flat = x.reshape((-1, *x.shape[-3:])).astype(dtype)
   y = jax.lax.conv_general_dilated(
       flat, kernel.astype(dtype), (strides, strides),
       ((padding, padding), (padding, padding)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if len(lead) == 2:
+    return jnp.swapaxes(y.reshape((lead[1], lead[0], *y.shape[1:])), 0, 1)
   return y.reshape((*lead, *y.shape[1:]))
 
 
