@@ -120,3 +120,15 @@ def smoke_pipeline(tmp_path_factory) -> SharedRun:
     if not os.path.exists(os.path.join(workdir, "results.json")):
       jobs.run_job(notebook_config(), workdir)
   return run
+
+
+def pytest_collection_modifyitems(items):
+  """Runs one test that needs the shared smoke pipeline first and the rest
+  of those last: under xdist the first worker builds the pipeline while the
+  others run tests that do not need it, instead of waiting on its lock."""
+  needs = [i for i in items
+           if "smoke_pipeline" in getattr(i, "fixturenames", ())]
+  if not needs:
+    return
+  rest = [i for i in items if i not in needs]
+  items[:] = [needs[0], *rest, *needs[1:]]
