@@ -67,6 +67,10 @@ class Case:
   fused: bool = False
   devices: int | None = None  # None = all.
   dtype: str = "float32"
+  # BatchNorm groups (and per-group ODS draws) of this many images; the
+  # CIFAR-100 configs' default is the 4-GPU recipe's 64 / 16.
+  bn_group: int | None = None
+  microbatches: int = 1
 
 
 def paper_cases(dtypes) -> list[Case]:
@@ -88,6 +92,14 @@ def paper_cases(dtypes) -> list[Case]:
                       dtype=dtype))
     cases.append(Case("student wrn28x10 confods 64x4", "student", c100, 64,
                       method="confods", dtype=dtype))
+    # The CIFAR-100 config's default: the 4-GPU recipe on one card, with
+    # its per-GPU BatchNorm groups and ODS draws, whole and accumulated.
+    cases.append(Case("teacher wrn28x10 M=4 b256 groups64", "teacher", c100,
+                      256, 4, dtype=dtype, bn_group=64))
+    for k in (1, 4):
+      cases.append(Case(f"student wrn28x10 confods 64x4 groups16 k={k}",
+                        "student", c100, 64, method="confods", dtype=dtype,
+                        bn_group=16, microbatches=k))
     cases.append(Case("teacher resnet32 M=1 b512", "teacher", c10, 512, 1,
                       dtype=dtype))
     for strategy in ("unroll", "vmap"):
@@ -143,11 +155,13 @@ def load_config(case: Case):
   config.teacher.batch_size = case.batch
   config.student.batch_size = case.batch
   config.student.fused_passes = case.fused
-  # Whole-batch BatchNorm and one ODS draw per batch for every case, so
-  # that rows differ only in the case's fields (the CIFAR-100 config's
-  # per-GPU groups default runs its ODS vjp once per 16-image group).
-  config.teacher.bn_group_size = None
-  config.student.bn_group_size = None
+  # Whole-batch BatchNorm and one ODS draw per batch unless the case sets
+  # groups, so that rows differ only in the case's fields (the CIFAR-100
+  # config's per-GPU groups run the ODS vjp once per 16-image group).
+  config.teacher.bn_group_size = case.bn_group
+  config.student.bn_group_size = case.bn_group
+  config.teacher.microbatches = case.microbatches
+  config.student.microbatches = case.microbatches
   config.lock()
   return config
 

@@ -99,8 +99,8 @@ MUTANTS = {
         *STEP_TESTS),
     "fused pass with one group per pass although groups are set": _one(
         "divdistill_jax/distill.py", "make_student_task",
-        "fused = Student(config, group or images)",
-        "fused = Student(config, images)", *STEP_TESTS),
+        "fused = Student(config, group or images // microbatches)",
+        "fused = Student(config, images // microbatches)", *STEP_TESTS),
     "kd.clean_pass does not reach the step": _one(
         STEP, "StepSpec.from_config",
         "clean_pass=config.kd.clean_pass", "clean_pass=True", *STEP_TESTS),
@@ -172,6 +172,24 @@ MUTANTS = {
         'augment.to_float(splits["validation"][0][:num_examples])',
         'augment.to_float(splits["train"][0][:num_examples])',
         "tests/test_train.py::test_figure1_sets_come_from_their_splits"),
+    "accumulation keeps only the last microbatch": _one(
+        "divdistill_jax/accumulate.py", "mean_value_and_grad",
+        "return jax.tree.map(jnp.add, total, out), None",
+        "return jax.tree.map(lambda t, o: o * microbatches, total, out), "
+        "None",
+        "tests/test_accumulate.py"),
+    "member-major merge of the tiled batch in the convolutions": Mutant((
+        Edit("divdistill_jax/models/layers.py", "conv2d",
+             "flat = jnp.swapaxes(x, 0, 1).reshape(",
+             "flat = x.reshape("),
+        Edit("divdistill_jax/models/layers.py", "conv2d",
+             "return jnp.swapaxes(y.reshape((lead[1], lead[0], "
+             "*y.shape[1:])), 0, 1)",
+             "return y.reshape((*lead, *y.shape[1:]))"),
+    ), ("tests/test_export.py::test_the_student_step_is_data_parallel",)),
+    "remat option ignored": _one(
+        "divdistill_jax/models/resnet.py", "remat_block",
+        'if remat == "none":', "if True:", "tests/test_accumulate.py"),
 }
 
 
