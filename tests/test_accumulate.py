@@ -128,8 +128,8 @@ def test_memory_settings_are_not_part_of_a_stage_or_a_resume_check():
   assert train.config_differences(base, other) == []
 
 
-@pytest.mark.parametrize("name", ["resnet8", "wrn10x1"])
-def test_remat_gives_the_same_gradients_and_recomputes(name):
+def test_remat_gives_the_same_gradients_and_recomputes():
+  name = "resnet8"  # Its blocks name their convolutions as WRN's do.
   x = jax.random.uniform(jax.random.key(1), (2, 4, 8, 8, 3))
   out = {}
   for remat in ("none", "full", "convs"):
