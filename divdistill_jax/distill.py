@@ -62,7 +62,9 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
                  drop_remainder=config.data.drop_remainder)
   steps_per_epoch = data.steps_per_epoch(n, batch, "student.batch_size",
                                          **sampler)
-  student = Student(config, scfg.bn_group_size)
+  # Image-major member merges only when the batch is split over devices.
+  merge = dict(image_major=shards > 1)
+  student = Student(config, scfg.bn_group_size, **merge)
   tx = optim.make_optimizer(steps_per_epoch=steps_per_epoch,
                             total_epochs=scfg.epochs,
                             **student_optim(config))
@@ -83,9 +85,10 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
     one ODS draw per group) of `group` images."""
     fused = None
     if scfg.fused_passes and not perturb.is_identity(spec.method):
-      fused = Student(config, group or images // microbatches)
+      fused = Student(config, group or images // microbatches, **merge)
     return jax.jit(functools.partial(
-        step.student_train_step, student=Student(config, group), fused=fused,
+        step.student_train_step, student=Student(config, group, **merge),
+        fused=fused,
         teacher_model=teacher_model, tx=tx,
         spec=dataclasses.replace(
             spec, microbatches=microbatches, shards=shards,

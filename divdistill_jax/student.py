@@ -28,7 +28,8 @@ class Student:
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
-               bn_group_size: int | None = None):
+               bn_group_size: int | None = None, *,
+               image_major: bool | None = None):
     info = data.dataset_info(config.data.name)
     self.ensemble_size = config.student.ensemble_size
     self.kind = config.student.kind
@@ -40,6 +41,9 @@ class Student:
         ensemble_size=None if plain else self.ensemble_size,
         fast_init_std=0.0 if latent else config.student.fast_init_std,
         bias_mode="shared_before_s" if latent else "member",
+        image_major=(
+            (config.parallel.num_devices or jax.device_count()) > 1
+            if image_major is None else image_major),
         **configlib.model_options(config))
     self.plain_model = models.get_model(
         config.model.name, num_classes=info.num_classes, mean=info.mean,

@@ -95,12 +95,14 @@ MUTANTS = {
         "test_figure1_sets_draw_per_batchnorm_group_like_training"),
     "student BatchNorm ignores student.bn_group_size": _one(
         "divdistill_jax/distill.py", "make_student_task",
-        "student=Student(config, group)", "student=Student(config, None)",
+        "student=Student(config, group, **merge)",
+        "student=Student(config, None, **merge)",
         *STEP_TESTS),
     "fused pass with one group per pass although groups are set": _one(
         "divdistill_jax/distill.py", "make_student_task",
-        "fused = Student(config, group or images // microbatches)",
-        "fused = Student(config, images // microbatches)", *STEP_TESTS),
+        "fused = Student(config, group or images // microbatches, **merge)",
+        "fused = Student(config, images // microbatches, **merge)",
+        *STEP_TESTS),
     "kd.clean_pass does not reach the step": _one(
         STEP, "StepSpec.from_config",
         "clean_pass=config.kd.clean_pass", "clean_pass=True", *STEP_TESTS),

@@ -54,6 +54,7 @@ def get_model(
     bias_init: str = "uniform",
     bn_running_var: str = "unbiased",
     remat: str = "none",
+    image_major: bool = False,
 ) -> nn.Module:
   """Builds a registered network.
 
@@ -79,6 +80,9 @@ def get_model(
     remat: rematerialise every residual block in the backward pass:
       'none', 'full' (save only the block's input) or 'convs' (save the
       convolutions' outputs); `resnet.REMAT_POLICIES`.
+    image_major: BatchEnsemble only: merge the member copies of the batch
+      image-major in the convolutions (needed when the image axis is split
+      over devices; `layers.conv2d`).
 
   Returns:
     A Linen module called as `model.apply(variables, x, train=...)`.
@@ -99,7 +103,8 @@ def get_model(
       raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}.")
     be = dict(ensemble_size=ensemble_size, fast_init_std=fast_init_std,
               kernel_init=kernel_init, dtype=compute)
-    conv = functools.partial(layers.BatchEnsembleConv, **be)
+    conv = functools.partial(layers.BatchEnsembleConv, image_major=image_major,
+                             **be)
     dense = functools.partial(layers.BatchEnsembleDense, bias_mode=bias_mode,
                               **be)
   return family(num_classes=num_classes, conv=conv, dense=dense, norm=norm,

@@ -66,17 +66,19 @@ def normal_around_one(std: float):
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
-           dtype: Dtype) -> jax.Array:
+           dtype: Dtype, image_major: bool = False) -> jax.Array:
   """NHWC conv with symmetric zero padding over any leading batch axes.
 
-  Members' copies [M, B, ...] are merged image-major, [B * M, ...]: the
-  image axis B is the one split over devices, and only a merge that keeps
-  it major keeps each device's images on it (a member-major [M * B] merge
-  is not a tiling of the devices' shares, and XLA gathers the whole batch
-  onto every device).
+  With `image_major`, members' copies [M, B, ...] are merged as [B * M, ...]:
+  when the image axis B is split over devices only a merge that keeps it
+  major keeps each device's images on it (a member-major [M * B] merge is
+  not a tiling of the devices' shares, and XLA gathers the whole batch onto
+  every device). On one device the member-major merge is faster on a CPU
+  (experiments/BENCHMARKS.md), so it is the default there.
   """
   lead = x.shape[:-3]
-  if len(lead) == 2:
+  image_major = image_major and len(lead) == 2
+  if image_major:
     flat = jnp.swapaxes(x, 0, 1).reshape((-1, *x.shape[-3:])).astype(dtype)
   else:
     flat = x.reshape((-1, *x.shape[-3:])).astype(dtype)
@@ -84,7 +86,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
       flat, kernel.astype(dtype), (strides, strides),
       ((padding, padding), (padding, padding)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  if len(lead) == 2:
+  if image_major:
     return jnp.swapaxes(y.reshape((lead[1], lead[0], *y.shape[1:])), 0, 1)
   return y.reshape((*lead, *y.shape[1:]))
 
@@ -147,6 +149,8 @@ class BatchEnsembleConv(nn.Module):
   fast_init_std: float = 0.5
   kernel_init: str = "fan_out_normal"
   dtype: Dtype = jnp.float32
+  # Merge the member copies image-major (a batch split over devices).
+  image_major: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -158,7 +162,8 @@ class BatchEnsembleConv(nn.Module):
     r = self.param("fast_r", init, (m, c_in), jnp.float32)
     s = self.param("fast_s", init, (m, self.features), jnp.float32)
     x = x * r[:, None, None, None, :].astype(x.dtype)
-    y = conv2d(x, kernel, self.strides, (k - 1) // 2, self.dtype)
+    y = conv2d(x, kernel, self.strides, (k - 1) // 2, self.dtype,
+               self.image_major)
     return y * s[:, None, None, None, :].astype(self.dtype)
 
 
