@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from divdistill_jax import data
+
 
 def maybe_initialize_distributed(enabled: bool, *,
                                  coordinator_address: str | None = None,
@@ -122,7 +124,9 @@ class BatchGatherer:
     [..., B]) sharded on the batch axis."""
     axis, mesh = self._axis, self._mesh
     if self._gather is None:
-      local = np.take(indices, _process_range(indices.shape[axis]), axis)
+      local = np.take(indices, data.process_slice(
+          np.arange(indices.shape[axis]), jax.process_index(),
+          jax.process_count()), axis)
       return (global_batch(self._images[local], mesh, axis),
               global_batch(self._labels[local], mesh, axis))
     ndim = indices.ndim
@@ -134,9 +138,3 @@ class BatchGatherer:
     return self._gather[ndim](self._images, self._labels,
                               np.asarray(indices, np.int32))
 
-
-def _process_range(batch: int) -> np.ndarray:
-  """This process's contiguous share of a global batch axis."""
-  per_process = batch // jax.process_count()
-  start = jax.process_index() * per_process
-  return np.arange(start, start + per_process)

@@ -335,13 +335,14 @@ def input_path(repeats: int, plan: str | None) -> list[dict]:
   import jax
   import numpy as np
 
+  import plan as plan_lib  # experiments/plan.py
+
   from divdistill_jax import configlib, data, distill, parallel, teachers
   bounds = {}
   if plan:
     with open(plan) as f:
       for r in json.load(f)["rows"]:
-        if (r["devices"] == 1 and r["groups"] and r["microbatches"] == 1
-            and r["remat"] == "none" and r["kind"] != "eval"):
+        if plan_lib.is_default(r):
           h200 = r["estimates"].get("H200 141GB")
           key = (r["config_file"], r["kind"], r["dtype"])
           if h200 and (key not in bounds or h200["ms"] < bounds[key]):
@@ -351,8 +352,7 @@ def input_path(repeats: int, plan: str | None) -> list[dict]:
   for name in INPUT_CONFIGS:
     config = configlib.from_file(os.path.join(ROOT, "configs", f"{name}.py"))
     info = data.dataset_info(config.data.name)
-    n = {"cifar10": 50000, "cifar100": 50000,
-         "tinyimagenet": 100000}[config.data.name] - info.num_validation
+    n = plan_lib.train_size(config.data.name) - info.num_validation
     rng = np.random.default_rng(0)
     splits = {"train": (
         rng.integers(0, 256, (n, *info.image_shape), dtype=np.uint8),
@@ -454,12 +454,7 @@ def main(argv=None) -> dict:
   os.makedirs(args.out, exist_ok=True)
   if args.input_path:
     rows = input_path(args.repeats, args.plan)
-    from divdistill_jax import fileio  # pylint: disable=g-import-not-at-top
-    fileio.write_json(os.path.join(args.out, "input_path.json"),
-                      {"header": header, "rows": rows}, indent=2)
-    text = input_markdown(rows, header)
-    fileio.write_text(os.path.join(args.out, "input_path.md"), text)
-    print(text)
+    print(_write(args.out, header, rows, "input_path", input_markdown))
     return {"header": header, "rows": rows}
   rows = []
   for case in cases:
@@ -478,13 +473,14 @@ def main(argv=None) -> dict:
   return {"header": header, "rows": rows}
 
 
-def _write(out: str, header: dict, rows: list[dict]) -> str:
-  """benchmark.json and benchmark.md of the rows so far (atomic writes)."""
+def _write(out: str, header: dict, rows: list[dict], name: str = "benchmark",
+           render=None) -> str:
+  """<name>.json and <name>.md of the rows so far (atomic writes)."""
   from divdistill_jax import fileio  # pylint: disable=g-import-not-at-top
-  fileio.write_json(os.path.join(out, "benchmark.json"),
+  fileio.write_json(os.path.join(out, f"{name}.json"),
                     {"header": header, "rows": rows}, indent=2)
-  text = markdown(rows, header)
-  fileio.write_text(os.path.join(out, "benchmark.md"), text)
+  text = (render or markdown)(rows, header)
+  fileio.write_text(os.path.join(out, f"{name}.md"), text)
   return text
 
 

@@ -310,6 +310,12 @@ def estimates(row: dict) -> dict:
   return out
 
 
+def is_default(row: dict) -> bool:
+  """A training step of the config's defaults on one device."""
+  return (row["kind"] != "eval" and row["devices"] == 1 and row["groups"]
+          and row["microbatches"] == 1 and row["remat"] == "none")
+
+
 def table_hours(rows: list[dict]) -> dict:
   """{config: {dtype: {accelerator: hours}}}: teachers + every student of
   the config's pipeline on one card (default settings, one device), as
@@ -317,13 +323,12 @@ def table_hours(rows: list[dict]) -> dict:
   from divdistill_jax import data  # pylint: disable=g-import-not-at-top
   out = {}
   for r in rows:
-    if (r["kind"] == "eval" or r["devices"] != 1 or not r["groups"]
-        or r["microbatches"] != 1 or r["remat"] != "none"):
+    if not is_default(r):
       continue
     config = load_config(Case(**{f.name: r[f.name]
                                  for f in dataclasses.fields(Case)}))
     info = data.dataset_info(config.data.name)
-    n = _train_size(config.data.name) - info.num_validation
+    n = train_size(config.data.name) - info.num_validation
     role = config.teacher if r["kind"] == "teacher" else config.student
     steps = role.epochs * data.steps_per_epoch(
         n, role.batch_size, replicas=config.data.sampler_replicas,
@@ -337,7 +342,7 @@ def table_hours(rows: list[dict]) -> dict:
   return out
 
 
-def _train_size(name: str) -> int:
+def train_size(name: str) -> int:
   """Training images of the full split (before the validation hold-out)."""
   return {"cifar10": 50000, "cifar100": 50000, "tinyimagenet": 100000,
           "fashion_mnist": 60000}[name]
