@@ -71,6 +71,9 @@ class Case:
   # CIFAR-100 configs' default is the 4-GPU recipe's 64 / 16.
   bn_group: int | None = None
   microbatches: int = 1
+  # The conv kernel gradient on CPU: 'matmul' (the default,
+  # models/conv.py) or 'xla' (XLA's convolution, as before).
+  kernel_grad: str = "matmul"
 
 
 def paper_cases(dtypes) -> list[Case]:
@@ -130,6 +133,33 @@ def quick_cases(dtypes) -> list[Case]:
                       4, dtype=dtype, devices=2))
     cases.append(Case("student confods 32x4, 2 devices", "student", q, 32,
                       method="confods", dtype=dtype, devices=2))
+  return cases
+
+
+# The official PyTorch step on this project's 2-core CPU machine class (2
+# threads, synthetic data, median of 3 steps; issue 25's measurement).
+CPU_REFERENCE_MS = {
+    "student resnet32 kd 128x4": 2738.0,
+    "student resnet32 confods 128x4": 8364.0,
+}
+
+
+def cpu_cases(dtypes) -> list[Case]:
+  """One CPU device: ResNet-32 / CIFAR-10 at the paper's batch and the quick
+  start's shapes, with XLA's conv kernel gradient and with ours."""
+  cases = []
+  for dtype in dtypes:
+    for grad in ("xla", "matmul"):
+      for prefix, config, b in (("", "cifar10_resnet32", 128),
+                                ("quickstart ", "quickstart", 50)):
+        net = "resnet32 " if not prefix else prefix
+        cases.append(Case(f"teacher {net}M=4 b{b} unroll", "teacher",
+                          config, b, 4, dtype=dtype, devices=1,
+                          kernel_grad=grad))
+        for method in ("kd", "confods"):
+          cases.append(Case(f"student {net}{method} {b}x4", "student",
+                            config, b, method=method, dtype=dtype,
+                            devices=1, kernel_grad=grad))
   return cases
 
 
@@ -195,6 +225,12 @@ def build(case: Case):
 
 
 def measure(case: Case, repeats: int, flops_only: bool) -> dict:
+  from divdistill_jax.models import conv  # pylint: disable=g-import-not-at-top
+  with conv.cpu_kernel_grad(case.kernel_grad):
+    return _measure(case, repeats, flops_only)
+
+
+def _measure(case: Case, repeats: int, flops_only: bool) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
 
@@ -281,6 +317,15 @@ def summary(rows: list[dict]) -> list[str]:
     if one_device:
       lines.append(f"- {one_device['name']} ({r['dtype']}): 2 devices "
                    f"{ms(r)} vs 1 device {ms(one_device)}")
+    xla = r.get("kernel_grad") == "matmul" and _partner(rows, r,
+                                                    kernel_grad="xla")
+    if xla:
+      gflops = lambda q: q["tflops"] * 1e3  # noqa: E731
+      lines.append(
+          f"{label}: conv kernel gradient by matmul {ms(r)} "
+          f"({gflops(r):.1f} GFLOP/s) vs XLA's convolution {ms(xla)} "
+          f"({gflops(xla):.1f} GFLOP/s): "
+          f"{xla['ms_per_step'] / r['ms_per_step']:.2f}x faster")
     single = (r["kind"] == "teacher" and r["members"] > 1
               and _partner(rows, r, members=1, strategy="unroll"))
     if single:
@@ -301,12 +346,17 @@ def markdown(rows: list[dict], header: dict) -> str:
     for r in rows:
       pct = (None if r["fraction_of_peak"] is None
              else 100 * r["fraction_of_peak"])
+      reference = REFERENCE_MS.get(r["name"])
+      if header["device"] == "cpu":
+        reference = CPU_REFERENCE_MS.get(r["name"])
+      name = r["name"] + ("" if r.get("kernel_grad", "matmul") == "matmul"
+                          else " (XLA kernel grad)")
       out.append(
-          f"| {r['name']} | {r['dtype']} | {_fmt(r['ms_per_step'])} | "
+          f"| {name} | {r['dtype']} | {_fmt(r['ms_per_step'])} | "
           f"{_fmt(r['images_per_s'], 0)} | {_fmt(r['compile_s'])} | "
           f"{_sig(r['gflop_per_image'])} | {_sig(r['tflops'])} | "
           f"{_fmt(pct)} | {_fmt(r['peak_memory_gib'], 2)} | "
-          f"{_fmt(REFERENCE_MS.get(r['name']))} |")
+          f"{_fmt(reference)} |")
   else:
     out += ["| step | dtype | GFLOP/step | GFLOP/img |", "|---|---|---:|---:|"]
     for r in rows:
@@ -418,6 +468,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", required=True, help="Output folder.")
   parser.add_argument("--quick", action="store_true",
                       help="Tiny CPU shapes instead of the paper's.")
+  parser.add_argument("--cpu", action="store_true",
+                      help="One CPU device: ResNet-32 at the paper's batch "
+                      "and the quick start, XLA's conv kernel gradient "
+                      "and ours.")
   parser.add_argument("--flops_only", action="store_true",
                       help="Count FLOPs, time nothing.")
   parser.add_argument("--repeats", type=int, default=20)
@@ -441,9 +495,10 @@ def main(argv=None) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
   jax.config.update("jax_threefry_partitionable", True)
-  dtypes = (args.dtypes or ("float32" if args.quick
+  dtypes = (args.dtypes or ("float32" if args.quick or args.cpu
                             else "float32,bfloat16")).split(",")
-  cases = quick_cases(dtypes) if args.quick else paper_cases(dtypes)
+  cases = (quick_cases(dtypes) if args.quick else
+           cpu_cases(dtypes) if args.cpu else paper_cases(dtypes))
   cases = [c for c in cases if args.only in c.name]
   header = {"device": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "jax": jax.__version__,

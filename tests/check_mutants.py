@@ -189,6 +189,17 @@ MUTANTS = {
              "*y.shape[1:])), 0, 1)",
              "return y.reshape((*lead, *y.shape[1:]))"),
     ), ("tests/test_export.py::test_the_student_step_is_data_parallel",)),
+    "kernel gradient taps in the wrong order": _one(
+        "divdistill_jax/models/conv.py", "kernel_grad_by_matmul",
+        "for i in range(k) for t in range(k)",
+        "for t in range(k) for i in range(k)", "tests/test_conv.py"),
+    "kernel gradient keeps only the last chunk": _one(
+        "divdistill_jax/models/conv.py", "kernel_grad_by_matmul",
+        "return acc + jnp.stack(prods)", "return 0 * acc + jnp.stack(prods)",
+        "tests/test_conv.py"),
+    "CPU kernel gradient is XLA's convolution after all": _one(
+        "divdistill_jax/models/conv.py", "_conv2d_bwd",
+        "cpu=by_matmul", "cpu=native", "tests/test_conv.py"),
     "remat option ignored": _one(
         "divdistill_jax/models/resnet.py", "remat_block",
         'if remat == "none":', "if True:", "tests/test_accumulate.py"),

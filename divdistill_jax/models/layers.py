@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from divdistill_jax.models import conv
+
 Dtype = Any
 
 # Kaiming normal, fan_out, gain sqrt(2) (docs/SOURCES.md, Initialisation).
@@ -82,10 +84,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
     flat = jnp.swapaxes(x, 0, 1).reshape((-1, *x.shape[-3:])).astype(dtype)
   else:
     flat = x.reshape((-1, *x.shape[-3:])).astype(dtype)
-  y = jax.lax.conv_general_dilated(
-      flat, kernel.astype(dtype), (strides, strides),
-      ((padding, padding), (padding, padding)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = conv.conv2d(flat, kernel.astype(dtype), strides, padding)
   if image_major:
     return jnp.swapaxes(y.reshape((lead[1], lead[0], *y.shape[1:])), 0, 1)
   return y.reshape((*lead, *y.shape[1:]))

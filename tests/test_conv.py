@@ -1,0 +1,140 @@
+"""The convolution's CPU kernel gradient against independent computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.sharding import NamedSharding, PartitionSpec
+
+from divdistill_jax import parallel
+from divdistill_jax.models import conv
+
+
+def _xla_conv(x, w, s, p):
+  return jax.lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)),
+                                      dimension_numbers=("NHWC", "HWIO",
+                                                         "NHWC"))
+
+
+def _numpy_kernel_grad(x, g, k, s, p):
+  """dW[i, j] = sum over images and output pixels, by its definition."""
+  x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  _, ho, wo, _ = g.shape
+  dw = np.zeros((k, k, x.shape[-1], g.shape[-1]))
+  for i in range(k):
+    for j in range(k):
+      for oh in range(ho):
+        for ow in range(wo):
+          dw[i, j] += xp[:, s * oh + i, s * ow + j, :].T @ g[:, oh, ow, :]
+  return dw
+
+
+CASES = [  # images, size, C, D, k, stride, padding
+    (6, 9, 3, 5, 3, 1, 1),
+    (8, 8, 4, 6, 3, 2, 1),
+    (4, 8, 4, 6, 1, 2, 0),
+    (5, 7, 2, 3, 3, 1, 0),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("chunk_images", [1, 2, 100])
+def test_kernel_grad_by_matmul_is_the_definition(case, chunk_images):
+  b, h, c, d, k, s, p = case
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(b, h, h, c)).astype(np.float32)
+  ho = (h + 2 * p - k) // s + 1
+  g = rng.normal(size=(b, ho, ho, d)).astype(np.float32)
+  got = conv.kernel_grad_by_matmul(jnp.asarray(x), jnp.asarray(g), k, s, p,
+                                   chunk_bytes=chunk_images * h * h * c * 4)
+  np.testing.assert_allclose(got, _numpy_kernel_grad(x, g, k, s, p),
+                             rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("images,per_image,budget,want", [
+    (8, 10, 80, 1), (8, 10, 40, 2), (8, 10, 30, 4), (6, 10, 25, 3),
+    (7, 10, 30, 7), (5, 100, 10, 5)])
+def test_num_chunks_divides_and_fits(images, per_image, budget, want):
+  n = conv.num_chunks(images, per_image, budget)
+  assert n == want and images % n == 0
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 2e-2)])
+def test_conv2d_gradients_equal_xlas_on_cpu(case, dtype, tol):
+  """bfloat16: both within bfloat16 rounding of a float32 computation on the
+  same (rounded) inputs; ours accumulates in float32."""
+  b, h, c, d, k, s, p = case
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(b, h, h, c)), dtype)
+  w = jnp.asarray(rng.normal(size=(k, k, c, d)) / k, dtype)
+
+  def loss(f):
+    return lambda x, w: jnp.sum(jnp.sin(f(x, w, s, p).astype(jnp.float32)))
+
+  ours = jax.jit(jax.value_and_grad(loss(conv.conv2d), (0, 1)))(x, w)
+  xla = jax.value_and_grad(loss(_xla_conv), (0, 1))(x, w)
+  exact = jax.value_and_grad(loss(_xla_conv), (0, 1))(
+      x.astype(jnp.float32), w.astype(jnp.float32))
+  for a, b, r in zip(*map(jax.tree.leaves, (ours, xla, exact))):
+    assert a.dtype == b.dtype
+    scale = tol * max(float(jnp.abs(r).max()), 1.0)
+    for got in (a, b):
+      np.testing.assert_allclose(np.asarray(got, np.float32), r, rtol=tol,
+                                 atol=scale)
+
+
+def _hlo(fn, *args, platform=None):
+  if platform is None:
+    return jax.jit(fn).lower(*args).as_text()
+  return export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+
+
+def test_the_matmul_gradient_runs_on_cpu_only_and_only_when_asked():
+  x, w = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+
+  def loss(x, w):
+    return conv.conv2d(x, w, 1, 1).sum()
+
+  kernel_grad = jax.grad(loss, 1)
+  # On CPU the kernel gradient is the chunk loop of matrix products, and a
+  # gradient of the images alone builds no loop at all.
+  assert "while" in _hlo(kernel_grad, x, w)
+  assert "while" not in _hlo(jax.grad(loss, 0), x, w)
+  # Elsewhere it is XLA's convolution.
+  for platform in ("cuda", "tpu"):
+    text = _hlo(kernel_grad, x, w, platform=platform)
+    assert "while" not in text and "convolution" in text
+
+
+def test_conv2d_gradients_on_a_batch_split_over_devices():
+  mesh = parallel.make_mesh(2)
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(8, 8, 8, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
+
+  def loss(f):
+    return lambda x, w: jnp.sum(jnp.tanh(f(x, w, 2, 1)))
+
+  xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+  ours = jax.jit(jax.grad(loss(conv.conv2d), (0, 1)))(xs, w)
+  ref = jax.grad(loss(_xla_conv), (0, 1))(x, w)
+  for a, r in zip(ours, ref):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_kernel_grad_xla_is_xlas_convolution():
+  x, w = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+
+  def kernel_grad(x, w):  # A new function: jit caches what it traced.
+    return jax.grad(lambda x, w: conv.conv2d(x, w, 1, 1).sum(), 1)(x, w)
+
+  with conv.cpu_kernel_grad("xla"):
+    text = _hlo(kernel_grad, x, w)
+  assert "while" not in text and "convolution" in text
+  assert "while" in _hlo(lambda x, w: kernel_grad(x, w), x, w)
+  with pytest.raises(ValueError, match="Unknown CPU kernel gradient"):
+    with conv.cpu_kernel_grad("im2col"):
+      pass
