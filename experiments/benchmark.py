@@ -71,9 +71,9 @@ class Case:
   # CIFAR-100 configs' default is the 4-GPU recipe's 64 / 16.
   bn_group: int | None = None
   microbatches: int = 1
-  # The conv kernel gradient on CPU: 'matmul' (the default,
-  # models/conv.py) or 'xla' (XLA's convolution, as before).
-  kernel_grad: str = "matmul"
+  # The conv kernel gradient on CPU: 'auto' (the default, models/conv.py)
+  # or 'xla' (XLA's convolution, as before).
+  kernel_grad: str = "auto"
 
 
 def paper_cases(dtypes) -> list[Case]:
@@ -149,7 +149,7 @@ def cpu_cases(dtypes) -> list[Case]:
   start's shapes, with XLA's conv kernel gradient and with ours."""
   cases = []
   for dtype in dtypes:
-    for grad in ("xla", "matmul"):
+    for grad in ("xla", "auto"):
       for prefix, config, b in (("", "cifar10_resnet32", 128),
                                 ("quickstart ", "quickstart", 50)):
         net = "resnet32 " if not prefix else prefix
@@ -317,8 +317,8 @@ def summary(rows: list[dict]) -> list[str]:
     if one_device:
       lines.append(f"- {one_device['name']} ({r['dtype']}): 2 devices "
                    f"{ms(r)} vs 1 device {ms(one_device)}")
-    xla = r.get("kernel_grad") == "matmul" and _partner(rows, r,
-                                                    kernel_grad="xla")
+    xla = r.get("kernel_grad", "auto") != "xla" and _partner(
+        rows, r, kernel_grad="xla")
     if xla:
       gflops = lambda q: q["tflops"] * 1e3  # noqa: E731
       lines.append(
@@ -349,8 +349,8 @@ def markdown(rows: list[dict], header: dict) -> str:
       reference = REFERENCE_MS.get(r["name"])
       if header["device"] == "cpu":
         reference = CPU_REFERENCE_MS.get(r["name"])
-      name = r["name"] + ("" if r.get("kernel_grad", "matmul") == "matmul"
-                          else " (XLA kernel grad)")
+      name = r["name"] + (" (XLA kernel grad)"
+                          if r.get("kernel_grad") == "xla" else "")
       out.append(
           f"| {name} | {r['dtype']} | {_fmt(r['ms_per_step'])} | "
           f"{_fmt(r['images_per_s'], 0)} | {_fmt(r['compile_s'])} | "

@@ -74,7 +74,8 @@ def test_conv2d_gradients_equal_xlas_on_cpu(case, dtype, tol):
   def loss(f):
     return lambda x, w: jnp.sum(jnp.sin(f(x, w, s, p).astype(jnp.float32)))
 
-  ours = jax.jit(jax.value_and_grad(loss(conv.conv2d), (0, 1)))(x, w)
+  with conv.cpu_kernel_grad("matmul"):
+    ours = jax.jit(jax.value_and_grad(loss(conv.conv2d), (0, 1)))(x, w)
   xla = jax.value_and_grad(loss(_xla_conv), (0, 1))(x, w)
   exact = jax.value_and_grad(loss(_xla_conv), (0, 1))(
       x.astype(jnp.float32), w.astype(jnp.float32))
@@ -93,7 +94,10 @@ def _hlo(fn, *args, platform=None):
 
 
 def test_the_matmul_gradient_runs_on_cpu_only_and_only_when_asked():
-  x, w = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+  # 1 MiB of input: 'auto' takes the matrix products.
+  x = jnp.ones((32, 32, 32, 8))
+  assert x.nbytes == conv.MATMUL_MIN_BYTES
+  w = jnp.ones((3, 3, 8, 5))
 
   def loss(x, w):
     return conv.conv2d(x, w, 1, 1).sum()
@@ -103,6 +107,8 @@ def test_the_matmul_gradient_runs_on_cpu_only_and_only_when_asked():
   # gradient of the images alone builds no loop at all.
   assert "while" in _hlo(kernel_grad, x, w)
   assert "while" not in _hlo(jax.grad(loss, 0), x, w)
+  # Smaller inputs keep XLA's.
+  assert "while" not in _hlo(kernel_grad, x[:31], w)
   # Elsewhere it is XLA's convolution.
   for platform in ("cuda", "tpu"):
     text = _hlo(kernel_grad, x, w, platform=platform)
@@ -119,7 +125,8 @@ def test_conv2d_gradients_on_a_batch_split_over_devices():
     return lambda x, w: jnp.sum(jnp.tanh(f(x, w, 2, 1)))
 
   xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
-  ours = jax.jit(jax.grad(loss(conv.conv2d), (0, 1)))(xs, w)
+  with conv.cpu_kernel_grad("matmul"):
+    ours = jax.jit(jax.grad(loss(conv.conv2d), (0, 1)))(xs, w)
   ref = jax.grad(loss(_xla_conv), (0, 1))(x, w)
   for a, r in zip(ours, ref):
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
@@ -134,7 +141,34 @@ def test_cpu_kernel_grad_xla_is_xlas_convolution():
   with conv.cpu_kernel_grad("xla"):
     text = _hlo(kernel_grad, x, w)
   assert "while" not in text and "convolution" in text
-  assert "while" in _hlo(lambda x, w: kernel_grad(x, w), x, w)
+  with conv.cpu_kernel_grad("matmul"):
+    assert "while" in _hlo(lambda x, w: kernel_grad(x, w), x, w)
   with pytest.raises(ValueError, match="Unknown CPU kernel gradient"):
     with conv.cpu_kernel_grad("im2col"):
       pass
+
+
+def test_a_batchensemble_network_has_the_same_gradient_either_way():
+  """The matrix-product kernel gradient inside a network (member scalings,
+  BatchNorm in training mode) equals XLA's; strides are tested above."""
+  from divdistill_jax import models  # pylint: disable=g-import-not-at-top
+  net = models.get_model("resnet2_w4", num_classes=5, ensemble_size=2)
+  x = jax.random.uniform(jax.random.key(0), (2, 4, 16, 16, 3))
+  variables = net.init(jax.random.key(1), x)
+
+  def grads():
+    def loss(params):
+      logits, _ = net.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"])
+      return jnp.sum(jax.nn.log_softmax(logits)[..., 0])
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+  with conv.cpu_kernel_grad("matmul"):
+    ours = grads()
+  with conv.cpu_kernel_grad("xla"):
+    ref = grads()
+  flat = jax.tree.leaves_with_path(ref)
+  assert any("kernel" in jax.tree_util.keystr(p) for p, _ in flat)
+  for a, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    scale = max(float(jnp.abs(r).max()), 1e-6)
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5 * scale)

@@ -9,8 +9,9 @@ library kernels are not made for that shape: at the CIFAR shapes it runs at
   dW[i, j, c, d] = sum_{n, h, w} x_pad[n, s h + i, s w + j, c] g[n, h, w, d],
 
 is k * k matrix products [C, N H W] x [N H W, D], one per kernel tap. On CPU
-`conv2d` computes it that way, streamed over chunks of images small enough
-to stay in cache; on every other platform (and for the forward pass and the
+`conv2d` computes it that way (for inputs of MATMUL_MIN_BYTES or more),
+streamed over chunks of images small enough to stay in cache; on every
+other platform (and for the forward pass and the
 input gradient everywhere) it is XLA's own convolution. Only the order of
 the float additions differs (tests/test_conv.py).
 """
@@ -26,11 +27,15 @@ import jax.numpy as jnp
 # Input bytes of the images one matrix-product chunk reads: a chunk's taps
 # then stay in the 1 MiB L2 cache of a CPU core.
 CHUNK_BYTES = 512 * 1024
+# Below this many input bytes a convolution keeps XLA's kernel gradient:
+# the gain is small there (experiments/BENCHMARKS.md) and the unrolled taps
+# cost compile time, which small programs (tests, smoke runs) are made of.
+MATMUL_MIN_BYTES = 1 << 20
 # How the kernel gradient is computed on CPU, read when a step is traced:
-# 'matmul' (this module's) or 'xla' (XLA's convolution, as before; the
-# benchmark's before/after). Set it with `cpu_kernel_grad`.
-_CPU_KERNEL_GRAD = ["matmul"]
-CPU_KERNEL_GRADS = ("matmul", "xla")
+# 'auto' (ours from MATMUL_MIN_BYTES of input up), 'matmul' (always ours)
+# or 'xla' (never; the benchmark's before/after). Set with `cpu_kernel_grad`.
+CPU_KERNEL_GRADS = ("auto", "matmul", "xla")
+_CPU_KERNEL_GRAD = ["auto"]
 
 
 @contextlib.contextmanager
@@ -158,7 +163,9 @@ def _conv2d_bwd(strides, padding, res, g):
     return kernel_grad_by_matmul(x, g, kernel.shape[0], strides,
                                  padding).astype(kernel.dtype)
 
-  if _CPU_KERNEL_GRAD[0] == "xla":
+  how = _CPU_KERNEL_GRAD[0]
+  if how == "xla" or (how == "auto"
+                      and x.size * x.dtype.itemsize < MATMUL_MIN_BYTES):
     return dx, native(x, g)
   dw = jax.lax.platform_dependent(x, g, cpu=by_matmul, default=native)
   return dx, dw
