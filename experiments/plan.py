@@ -231,7 +231,18 @@ def _tpu_mesh(topology: str, devices: int):
 
 
 def compile_case(case: Case, builder: Builder, compilers) -> dict:
-  """Compiles the case's step for each compiler; one row."""
+  """Compiles the case's step for each compiler; one row.
+
+  The step is traced with XLA's convolution kernel gradient, the program
+  an accelerator runs (models/conv.py computes it otherwise on a CPU), so
+  that the XLA:CPU figures estimate a GPU's.
+  """
+  from divdistill_jax.models import conv  # pylint: disable=g-import-not-at-top
+  with conv.cpu_kernel_grad("xla"):
+    return _compile_case(case, builder, compilers)
+
+
+def _compile_case(case: Case, builder: Builder, compilers) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
