@@ -72,3 +72,14 @@ def test_tpu_rows_use_the_tpu_compilers_figures():
   assert est["TPU v5e 16GiB"]["fits"]  # 10 GiB of XLA:TPU's, not 20.
   assert est["TPU v5e 16GiB"]["ms"] == pytest.approx(0.5e11 / 819e9 * 1e3)
   assert est["TPU v4 32GiB"]["from"] == "cpu"  # Not compiled for v4.
+
+
+def test_the_plan_compiles_what_an_accelerator_runs(monkeypatch):
+  """XLA:CPU figures stand in for a GPU's: the step is traced with XLA's
+  convolution kernel gradient, not the CPU-only matrix products."""
+  from divdistill_jax.models import conv  # pylint: disable=g-import-not-at-top
+  seen = []
+  monkeypatch.setattr(plan, "_compile_case",
+                      lambda *a: seen.append(conv._CPU_KERNEL_GRAD[0]))  # pylint: disable=protected-access
+  plan.compile_case(None, None, ["cpu"])
+  assert seen == ["xla"] and conv._CPU_KERNEL_GRAD[0] == "auto"  # pylint: disable=protected-access
