@@ -150,9 +150,8 @@ def cpu_cases(dtypes) -> list[Case]:
   cases = []
   for dtype in dtypes:
     for grad in ("xla", "auto"):
-      for prefix, config, b in (("", "cifar10_resnet32", 128),
-                                ("quickstart ", "quickstart", 50)):
-        net = "resnet32 " if not prefix else prefix
+      for net, config, b in (("resnet32 ", "cifar10_resnet32", 128),
+                             ("quickstart ", "quickstart", 50)):
         cases.append(Case(f"teacher {net}M=4 b{b} unroll", "teacher",
                           config, b, 4, dtype=dtype, devices=1,
                           kernel_grad=grad))
@@ -346,9 +345,8 @@ def markdown(rows: list[dict], header: dict) -> str:
     for r in rows:
       pct = (None if r["fraction_of_peak"] is None
              else 100 * r["fraction_of_peak"])
-      reference = REFERENCE_MS.get(r["name"])
-      if header["device"] == "cpu":
-        reference = CPU_REFERENCE_MS.get(r["name"])
+      reference = (CPU_REFERENCE_MS if header["device"] == "cpu"
+                   else REFERENCE_MS).get(r["name"])
       name = r["name"] + (" (XLA kernel grad)"
                           if r.get("kernel_grad") == "xla" else "")
       out.append(

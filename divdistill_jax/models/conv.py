@@ -11,9 +11,9 @@ library kernels are not made for that shape: at the CIFAR shapes it runs at
 is k * k matrix products [C, N H W] x [N H W, D], one per kernel tap. On CPU
 `conv2d` computes it that way (for inputs of MATMUL_MIN_BYTES or more),
 streamed over chunks of images small enough to stay in cache; on every
-other platform (and for the forward pass and the
-input gradient everywhere) it is XLA's own convolution. Only the order of
-the float additions differs (tests/test_conv.py).
+other platform, and for the forward pass and the input gradient
+everywhere, it is XLA's own convolution. Only the order of the float
+additions differs (tests/test_conv.py).
 """
 
 from __future__ import annotations
@@ -139,25 +139,23 @@ def _conv2d_fwd(x, kernel, strides, padding):
                                                           kernel.value, need)
 
 
-def _input_grad(x, kernel, g, strides, padding):
-  transpose = jax.linear_transpose(
-      lambda v: _conv(v, kernel, strides, padding),
-      jax.ShapeDtypeStruct(x.shape, x.dtype))
-  return transpose(g)[0]
+def _transpose(linear, like: jax.Array, g: jax.Array) -> jax.Array:
+  """The gradient of the linear map `linear` at an input shaped `like`."""
+  return jax.linear_transpose(
+      linear, jax.ShapeDtypeStruct(like.shape, like.dtype))(g)[0]
 
 
 def _conv2d_bwd(strides, padding, res, g):
   x, kernel, (need_x, need_kernel) = res
   if type(g) is jax.custom_derivatives.SymbolicZero:  # pylint: disable=unidiomatic-typecheck
     return None, None
-  dx = _input_grad(x, kernel, g, strides, padding) if need_x else None
+  dx = (_transpose(lambda v: _conv(v, kernel, strides, padding), x, g)
+        if need_x else None)
   if not need_kernel:
     return dx, None
 
   def native(x, g):
-    return jax.linear_transpose(
-        lambda w: _conv(x, w, strides, padding),
-        jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))(g)[0]
+    return _transpose(lambda w: _conv(x, w, strides, padding), kernel, g)
 
   def by_matmul(x, g):
     return kernel_grad_by_matmul(x, g, kernel.shape[0], strides,
