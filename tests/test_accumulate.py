@@ -149,9 +149,12 @@ def test_remat_gives_the_same_gradients_and_recomputes():
     assert (("remat" in jaxpr or "checkpoint" in jaxpr)
             == (remat != "none")), remat
     out[remat] = jax.jit(grad_fn)(variables["params"])
+  # Recomputation may round differently: float32 rounding of the largest
+  # gradient entry (a wrong remat changes gradients at O(1)).
   for remat in ("full", "convs"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
-        a, b, rtol=1e-5, atol=1e-6), out["none"], out[remat])
+        a, b, rtol=1e-5, atol=1e-5 * np.abs(a).max()),
+                 out["none"], out[remat])
 
 
 def test_unknown_remat_is_a_clear_error():

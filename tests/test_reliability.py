@@ -150,7 +150,9 @@ def test_two_processes_with_jax_distributed_match_one(reference_teachers,
   workdir = str(tmp_path / "two_processes")
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+         # The test process's flags (its -O0 too), with 2 devices.
+         "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(
+             "device_count=4", "device_count=2")}
   procs = [subprocess.Popen(
       _command("teachers", workdir, "--config.parallel.distributed=True",
                f"--config.parallel.coordinator_address=127.0.0.1:{port}",
