@@ -141,6 +141,16 @@ def subset(splits: dict[str, Split], sizes: dict[str, int]) -> dict:
 
 
 def _read_idx(path: str) -> np.ndarray:
+  # A pipeline loads the splits once per stage: decompress once per file
+  # version. The array is read-only (np.frombuffer), so sharing it is safe.
+  stat = os.stat(path)
+  return _read_idx_cached(os.path.abspath(path), stat.st_mtime_ns,
+                          stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
+  del mtime_ns, size  # Cache key only: a rewritten file is read again.
   with gzip.open(path, "rb") as f:
     data = f.read()
   _, dtype, ndim = struct.unpack(">HBB", data[:4])
