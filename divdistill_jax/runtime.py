@@ -25,7 +25,9 @@ def setup_runtime(config: ml_collections.ConfigDict) -> None:
       "DIVDISTILL_COMPILE_CACHE")
   if cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Reading an entry takes milliseconds: keep even the small programs
+    # (a rerun or resume compiles dozens of them).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
