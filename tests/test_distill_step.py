@@ -81,6 +81,49 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
                            student_variables={"params": params,
                                               "batch_stats": stats})
 
+  def apply_one(p, s, inputs):
+    logits, new = student_model.apply(
+        {"params": p, "batch_stats": s},
+        jnp.broadcast_to(inputs, (M, *inputs.shape)), train=True,
+        mutable=["batch_stats"])
+    return logits, new["batch_stats"]
+
+  def apply(p, s, inputs):
+    """Train mode; with groups, each group of images (all M copies) is
+    normalised alone and the running statistics move by the mean of the
+    groups' updates."""
+    if group is None:
+      return apply_one(p, s, inputs)
+    outs = [apply_one(p, s, inputs[i:i + group])
+            for i in range(0, len(inputs), group)]
+    logits = jnp.concatenate([o[0] for o in outs], axis=1)
+    new = jax.tree.map(lambda *a: sum(a) / len(a), *[o[1] for o in outs])
+    return logits, new
+
+  @jax.jit
+  @functools.partial(jax.grad, has_aux=True)
+  def loss_grad(p, s, x, x_kd, targets, y):
+    if not clean_pass:  # One pass, on the perturbed images only.
+      kd_logits, s2 = apply(p, s, x_kd)
+      logq = jax.nn.log_softmax(kd_logits / TEMP)
+      kd = jnp.mean(jnp.sum(targets * (jnp.log(targets) - logq), -1))
+      return TEMP**2 * kd, (kd_logits, kd_logits, s2)
+    clean, s1 = apply(p, s, x)
+    if method == "kd":
+      kd_logits, s2 = clean, s1
+    else:
+      # The perturbed pass starts from the clean pass's statistics.
+      kd_logits, s2 = apply(p, s1, x_kd)
+      if fused:  # One update with the mean of both passes' statistics.
+        _, s_kd_alone = apply(p, s, x_kd)
+        s2 = jax.tree.map(lambda a, b: (a + b) / 2, s1, s_kd_alone)
+    logp = jax.nn.log_softmax(clean)
+    ce = -jnp.mean(jnp.take_along_axis(
+        logp, jnp.broadcast_to(y, (M, len(y)))[..., None], -1))
+    logq = jax.nn.log_softmax(kd_logits / TEMP)
+    kd = jnp.mean(jnp.sum(targets * (jnp.log(targets) - logq), -1))
+    return (1 - alpha) * ce + alpha * TEMP**2 * kd, (clean, kd_logits, s2)
+
   for step in range(len(images)):
     B = len(images[step])  # noqa: N806  (the batch size, as elsewhere)
     key = jax.random.fold_in(base_key, step)
@@ -103,49 +146,6 @@ def _reference_run(student_model, variables, teacher_model, teacher_vars,
     t_probs = np.exp(_np_log_softmax(t_logits / TEMP))
     targets = t_probs if pairing == "member" else np.broadcast_to(
         t_probs.mean(0), t_probs.shape)
-
-    def apply_one(p, s, inputs):
-      logits, new = student_model.apply(
-          {"params": p, "batch_stats": s},
-          jnp.broadcast_to(inputs, (M, *inputs.shape)), train=True,
-          mutable=["batch_stats"])
-      return logits, new["batch_stats"]
-
-    def apply(p, s, inputs):
-      """Train mode; with groups, each group of images (all M copies) is
-      normalised alone and the running statistics move by the mean of the
-      groups' updates."""
-      if group is None:
-        return apply_one(p, s, inputs)
-      outs = [apply_one(p, s, inputs[i:i + group])
-              for i in range(0, len(inputs), group)]
-      logits = jnp.concatenate([o[0] for o in outs], axis=1)
-      new = jax.tree.map(lambda *a: sum(a) / len(a), *[o[1] for o in outs])
-      return logits, new
-
-    @jax.jit
-    @functools.partial(jax.grad, has_aux=True)
-    def loss_grad(p, s, x, x_kd, targets, y):
-      if not clean_pass:  # One pass, on the perturbed images only.
-        kd_logits, s2 = apply(p, s, x_kd)
-        logq = jax.nn.log_softmax(kd_logits / TEMP)
-        kd = jnp.mean(jnp.sum(targets * (jnp.log(targets) - logq), -1))
-        return TEMP**2 * kd, (kd_logits, kd_logits, s2)
-      clean, s1 = apply(p, s, x)
-      if method == "kd":
-        kd_logits, s2 = clean, s1
-      else:
-        # The perturbed pass starts from the clean pass's statistics.
-        kd_logits, s2 = apply(p, s1, x_kd)
-        if fused:  # One update with the mean of both passes' statistics.
-          _, s_kd_alone = apply(p, s, x_kd)
-          s2 = jax.tree.map(lambda a, b: (a + b) / 2, s1, s_kd_alone)
-      logp = jax.nn.log_softmax(clean)
-      ce = -jnp.mean(jnp.take_along_axis(
-          logp, jnp.broadcast_to(y, (M, B))[..., None], -1))
-      logq = jax.nn.log_softmax(kd_logits / TEMP)
-      kd = jnp.mean(jnp.sum(targets * (jnp.log(targets) - logq), -1))
-      return (1 - alpha) * ce + alpha * TEMP**2 * kd, (clean, kd_logits, s2)
 
     grads, (clean, kd_logits, stats) = loss_grad(params, stats, x, x_kd,
                                                  targets, labels[step])
