@@ -161,7 +161,7 @@ def test_the_student_step_is_data_parallel(entry):
   temps = {}
   for devices in (1, 2):
     config = stages.stage_config(
-        grouped_config("kd,smoke", devices, **{"model.name": "resnet8"}),
+        grouped_config("kd,smoke", devices),
         "distill", entry)
     mesh = parallel.make_mesh(devices)
     task = _student_task(config, mesh)
