@@ -138,6 +138,7 @@ def quick_cases(dtypes) -> list[Case]:
 
 # The official PyTorch step on this project's 2-core CPU machine class (2
 # threads, synthetic data, median of 3 steps; issue 25's measurement).
+# `experiments/torch_reference.py` measures it on the machine at hand.
 CPU_REFERENCE_MS = {
     "student resnet32 kd 128x4": 2738.0,
     "student resnet32 confods 128x4": 8364.0,
