@@ -7,8 +7,10 @@ ResNet-32 / CIFAR-10 setting (four plain teachers, a BatchEnsemble-4
 student, 128 images per step, 4 x 128 student rows), float32, synthetic
 data. The networks and the optimiser come from the authors' own builders
 in giung2 (https://github.com/cs-giung/giung2: `giung2.modeling.build`,
-`giung2.solver.build`), configured as the ResNet-32 configs the paper used
-(PAPER_SPEC-style summary in the README, "Fidelity"); the step follows the
+`giung2.solver.build`), configured as giung2's ResNet-32 CIFAR-10 configs
+(`C10_R32_SGD.yaml` / `C10_R32_BE4.yaml`, in the repository's history up
+to commit 0947c97; README, "Fidelity to the official code"); the step
+follows the
 KD and `c_ods_l2` (ConfODS) branches of
 `projects/Diversity-Matters/scripts/train_student.py`: the teachers'
 no-grad forward on their share of the tiled batch, the student's clean
