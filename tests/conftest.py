@@ -8,11 +8,20 @@ import os
 # spend their time compiling, not running: -O0 code and XLA:CPU's older
 # (non-MLIR) fusion emitters compile a student step 3x faster (the same
 # HLO; fast-math off either way).
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=4"
-    + " --xla_backend_optimization_level=0"
-    + " --xla_cpu_use_fusion_emitters=false").strip()
+# The user's own flags, kept once: xdist workers inherit the controller's
+# environment, flags included, and must not add theirs a second time.
+_USER_XLA_FLAGS = os.environ.setdefault("DIVDISTILL_USER_XLA_FLAGS",
+                                        os.environ.get("XLA_FLAGS", ""))
+
+
+def xla_flags(devices: int) -> str:
+  """The tests' XLA flags with `devices` host devices (for subprocesses)."""
+  return (f"{_USER_XLA_FLAGS} --xla_force_host_platform_device_count="
+          f"{devices} --xla_backend_optimization_level=0"
+          " --xla_cpu_use_fusion_emitters=false").strip()
+
+
+os.environ["XLA_FLAGS"] = xla_flags(4)
 os.environ.setdefault(
     "DIVDISTILL_COMPILE_CACHE",
     os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "xla"))

@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, latest_checkpoint
+from conftest import ROOT, latest_checkpoint, xla_flags
 
 from divdistill_jax import checkpointing
 
@@ -150,9 +150,7 @@ def test_two_processes_with_jax_distributed_match_one(reference_teachers,
   workdir = str(tmp_path / "two_processes")
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         # The test process's flags (its -O0 too), with 2 devices.
-         "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(
-             "device_count=4", "device_count=2")}
+         "XLA_FLAGS": xla_flags(2)}
   procs = [subprocess.Popen(
       _command("teachers", workdir, "--config.parallel.distributed=True",
                f"--config.parallel.coordinator_address=127.0.0.1:{port}",
