@@ -79,6 +79,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--methods", default="kd,confods")
   parser.add_argument("--flops_from", default=ROWS)
+  parser.add_argument("--profile", action="store_true",
+                      help="Also print torch.profiler's table of one more "
+                      "step per method, by ATen operator.")
   args = parser.parse_args()
   sys.path.insert(0, args.giung2)
   import collections.abc  # pylint: disable=g-import-not-at-top
@@ -150,6 +153,12 @@ def main() -> None:
       start = time.perf_counter()
       step(method)
       times.append(1e3 * (time.perf_counter() - start))
+    if args.profile:
+      with torch.profiler.profile(
+          activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(method)
+      print(prof.key_averages().table(sort_by="self_cpu_time_total",
+                                      row_limit=15))
     ms = statistics.median(times)
     g = gflop[f"student resnet32 {method} {B}x{M}"]
     print(f"{method}: {ms:,.0f} ms (steps {[round(t) for t in times]}), "

@@ -1,0 +1,191 @@
+"""Where a student step's time goes on XLA:CPU, by phase and kind of work.
+
+Builds a `benchmark.py` CPU case (ResNet-32 / CIFAR-10 BE-4 student, 128 x 4
+images, float32, one device), runs warm-up steps, traces one step with
+`jax.profiler` and sums the executed thunks' times by
+
+- phase, from the HLO op name XLA keeps for each instruction: the student's
+  forward pass (`jvp(...)`), its backward pass (`transpose(...)`), and the
+  rest (the teachers' forward pass, the perturbation, the update);
+- kind: convolution (XLA's, forward and input gradient), matrix product
+  (the kernel gradient of `divdistill_jax/models/conv.py`, the classifier),
+  and everything else (BatchNorm, BatchEnsemble scalings, ReLU, residual
+  adds, the kernel gradient's tap slices and padding: memory-bound passes).
+
+Thunks may overlap a little (XLA:CPU runs independent ones concurrently), so
+the sums can exceed the step's wall time; per-thunk times are not reliable,
+the sums are. Run on a quiet machine:
+
+  python experiments/profile_step.py --method=kd --out=/tmp/profile_kd
+
+`experiments/torch_reference.py --profile` gives the official PyTorch step's
+counterpart (torch.profiler, by ATen operator). Results: BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+PHASES = ("student forward", "student backward", "teachers, perturbation, "
+          "update")
+KINDS = ("convolution", "matrix product", "elementwise / reduction")
+
+
+def _instructions(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> the op name in its metadata, for every instruction
+  of the optimised HLO (fusions, convolutions, dots, loops)."""
+  names = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"", line)
+    if m:
+      names[m.group(1)] = m.group(2)
+  return names
+
+
+def _kind(thunk: str, hlo_line_kinds: dict[str, str]) -> str:
+  if thunk in hlo_line_kinds:
+    return hlo_line_kinds[thunk]
+  if thunk.startswith(("ynn_fusion", "conv", "convolution")):
+    return KINDS[0]
+  if thunk.startswith("dot"):
+    return KINDS[1]
+  return KINDS[2]
+
+
+def _line_kinds(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> kind, from what the instruction (or the computation
+  a fusion calls) contains."""
+  comps, current = collections.defaultdict(list), None
+  for line in hlo_text.splitlines():
+    m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) [(\[].*\{$", line)
+    if m:
+      current = m.group(1)
+    elif current and line.startswith("  "):
+      comps[current].append(line)
+  kinds = {}
+  for lines in comps.values():
+    for line in lines:
+      m = re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = (.*)", line)
+      if not m:
+        continue
+      body = m.group(2)
+      called = re.search(r"calls=%?([\w.\-]+)", body)
+      text = body + "".join(comps.get(called.group(1), [])) if called else body
+      if " convolution(" in text:
+        kinds[m.group(1)] = KINDS[0]
+      elif " dot(" in text:
+        kinds[m.group(1)] = KINDS[1]
+      else:
+        kinds[m.group(1)] = KINDS[2]
+  return kinds
+
+
+def phase_of(op_name: str) -> str:
+  if "transpose(" in op_name:
+    return PHASES[1]
+  if "jvp(" in op_name:
+    return PHASES[0]
+  return PHASES[2]
+
+
+def summarise(trace_dir: str, hlo_text: str) -> dict:
+  """Thunk time (ms) by (phase, kind) from a perfetto trace of one step."""
+  path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"),
+                   recursive=True)[0]
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names, kinds = _instructions(hlo_text), _line_kinds(hlo_text)
+  table = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or e["name"] not in names:
+      continue
+    table[(phase_of(names[e["name"]]), _kind(e["name"], kinds))] += (
+        e.get("dur", 0) / 1e3)
+  return {f"{p} | {k}": round(table[(p, k)], 1) for p in PHASES
+          for k in KINDS}
+
+
+def markdown(row: dict) -> str:
+  out = [f"{row['case']}: steps {row['steps_ms']} ms (median "
+         f"{row['median_ms']:,.0f}); traced step's thunks by phase and kind "
+         "(ms):", "", "| phase | " + " | ".join(KINDS) + " | sum |",
+         "|---|" + "---:|" * (len(KINDS) + 1)]
+  for p in PHASES:
+    ms = [row["ms"][f"{p} | {k}"] for k in KINDS]
+    out.append(f"| {p} | " + " | ".join(f"{v:,.0f}" for v in ms)
+               + f" | {sum(ms):,.0f} |")
+  sums = [sum(row["ms"][f"{p} | {k}"] for p in PHASES) for k in KINDS]
+  out.append("| all | " + " | ".join(f"{v:,.0f}" for v in sums)
+             + f" | {sum(sums):,.0f} |")
+  return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True, help="Output folder.")
+  parser.add_argument("--method", default="kd", help="kd, confods, ...")
+  parser.add_argument("--warmup", type=int, default=3)
+  args = parser.parse_args(argv)
+  # The optimised HLO of the executable that runs, for the op names.
+  dump = os.path.join(os.path.abspath(args.out), "hlo")
+  if "jax" in sys.modules:
+    raise RuntimeError("Run profile_step.py in a fresh process (it sets "
+                       "XLA_FLAGS before JAX starts).")
+  os.environ["XLA_FLAGS"] = " ".join([
+      os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={dump}",
+      "--xla_dump_hlo_module_re=student_train_step"])
+  # pylint: disable=g-import-not-at-top
+  import jax
+  jax.config.update("jax_threefry_partitionable", True)
+  import benchmark
+  from divdistill_jax.models import conv
+  case = benchmark.Case(
+      f"student resnet32 {args.method} 128x4", "student", "cifar10_resnet32",
+      128, method=args.method, dtype="float32", devices=1, kernel_grad="auto")
+  os.makedirs(args.out, exist_ok=True)
+  with conv.cpu_kernel_grad(case.kernel_grad):
+    task, images, labels = benchmark.build(case)
+    key = jax.random.key(0)
+    state = task.state
+    times = []
+    for _ in range(1 + args.warmup):
+      start = time.perf_counter()
+      state, _ = task.train_step(state, images, labels, key)
+      jax.block_until_ready(state)
+      times.append(1e3 * (time.perf_counter() - start))
+    trace_dir = os.path.join(args.out, "trace")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    state, _ = task.train_step(state, images, labels, key)
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+  [hlo_path] = glob.glob(os.path.join(
+      dump, "*student_train_step*cpu_after_optimizations.txt"))
+  with open(hlo_path) as f:
+    hlo = f.read()
+  steps = [round(t) for t in times[1:]]
+  row = {"case": case.name, "steps_ms": steps,
+         "median_ms": statistics.median(steps),
+         "ms": summarise(trace_dir, hlo)}
+  text = markdown(row)
+  print(text)
+  with open(os.path.join(args.out, "profile.json"), "w") as f:
+    json.dump(row, f, indent=2)
+  with open(os.path.join(args.out, "profile.md"), "w") as f:
+    f.write(text + "\n")
+  return row
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,84 @@
+"""experiments/profile_step.py: thunk times summed by phase and kind."""
+
+import gzip
+import json
+import os
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import profile_step  # noqa: E402
+
+# A hand-written optimised-HLO excerpt: a convolution fusion of the student's
+# forward pass, a reduction fusion and a dot of its backward pass, and a
+# loop fusion of the teachers (no jvp / transpose in the op name).
+HLO = """\
+%fused_computation.1 (param_0: f32[8,4,4,3], param_1: f32[3,3,3,16]) -> f32[8,4,4,16] {
+  %param_0 = f32[8,4,4,3]{3,2,1,0} parameter(0)
+  %param_1 = f32[3,3,3,16]{3,2,1,0} parameter(1)
+  ROOT %conv.1 = f32[8,4,4,16]{3,2,1,0} convolution(%param_0, %param_1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+}
+
+%fused_computation.2 (param_0.1: f32[8,16]) -> f32[16] {
+  %param_0.1 = f32[8,16]{1,0} parameter(0)
+  %c = f32[] constant(0)
+  ROOT %reduce.1 = f32[16]{0} reduce(%param_0.1, %c), dimensions={0}, to_apply=%add
+}
+
+%fused_computation.3 (param_0.2: f32[8,16]) -> f32[8,16] {
+  %param_0.2 = f32[8,16]{1,0} parameter(0)
+  ROOT %mul.1 = f32[8,16]{1,0} multiply(%param_0.2, %param_0.2)
+}
+
+ENTRY %main (x: f32[8,4,4,3], w: f32[3,3,3,16]) -> f32[16] {
+  %x = f32[8,4,4,3]{3,2,1,0} parameter(0)
+  %w = f32[3,3,3,16]{3,2,1,0} parameter(1)
+  %ynn_fusion.1 = f32[8,4,4,16]{3,2,1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation.1, metadata={op_name="jit(student_train_step)/jvp(CifarResNet)/BatchEnsembleConv_0/conv_general_dilated"}
+  %ynn_fusion.2 = f32[16]{0} fusion(%b), kind=kCustom, calls=%fused_computation.2, metadata={op_name="jit(student_train_step)/transpose(jvp(CifarResNet))/BatchNorm_0/reduce_sum"}
+  %dot.7 = f32[3,16]{1,0} dot(%p, %q), lhs_contracting_dims={0}, rhs_contracting_dims={0}, metadata={op_name="jit(student_train_step)/transpose(jvp(CifarResNet))/while/body/dot_general"}
+  %multiply_fusion.3 = f32[8,16]{1,0} fusion(%b), kind=kLoop, calls=%fused_computation.3, metadata={op_name="jit(student_train_step)/CifarResNet/BatchNorm_0/mul"}
+  ROOT %r = f32[16]{0} copy(%ynn_fusion.2)
+}
+"""  # noqa: E501  (HLO lines as XLA prints them)
+
+
+def _trace(tmp_path, events):
+  path = tmp_path / "trace" / "plugins" / "profile" / "run"
+  path.mkdir(parents=True)
+  with gzip.open(path / "host.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  return str(tmp_path / "trace")
+
+
+def test_summarise_sums_thunks_by_phase_and_kind(tmp_path):
+  events = [
+      {"ph": "X", "name": "ynn_fusion.1", "dur": 3000},
+      {"ph": "X", "name": "ynn_fusion.1", "dur": 1000},
+      {"ph": "X", "name": "ynn_fusion.2", "dur": 500},
+      {"ph": "X", "name": "dot.7", "dur": 2000},
+      {"ph": "X", "name": "multiply_fusion.3", "dur": 700},
+      # Not instructions of the program: the executor's own spans.
+      {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 99000},
+      {"ph": "i", "name": "dot.7", "dur": 5000},
+  ]
+  ms = profile_step.summarise(_trace(tmp_path, events), HLO)
+  fwd, bwd, rest = profile_step.PHASES
+  conv, dot, other = profile_step.KINDS
+  expected = {(fwd, conv): 4.0, (bwd, other): 0.5, (bwd, dot): 2.0,
+              (rest, other): 0.7}
+  for p in profile_step.PHASES:
+    for k in profile_step.KINDS:
+      assert ms[f"{p} | {k}"] == expected.get((p, k), 0.0), (p, k)
+  text = profile_step.markdown({"case": "c", "steps_ms": [1, 2],
+                                "median_ms": 1.5, "ms": ms})
+  assert text.splitlines()[-1].startswith("| all | 4 | 2 | 1 |")
+
+
+def test_phase_of_reads_the_autodiff_transform():
+  assert profile_step.phase_of("jit(s)/jvp(Net)/Conv_0/mul") == (
+      profile_step.PHASES[0])
+  assert profile_step.phase_of("jit(s)/transpose(jvp(Net))/Conv_0/mul") == (
+      profile_step.PHASES[1])
+  assert profile_step.phase_of("jit(s)/Net/Conv_0/mul") == (
+      profile_step.PHASES[2])
