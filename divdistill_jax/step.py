@@ -146,9 +146,12 @@ def student_train_step(state: train.TrainState, images, labels, base_key,
   context = perturb.Context(
       ensemble.member_fn(teacher_model), teacher_vars, student_logits,
       {"params": state.params, "batch_stats": state.batch_stats})
-  x_kd = perturb.apply(spec.method, perturb_key, x, context, spec.perturb)
-  teacher_logits = ensemble.apply_members(teacher_model, teacher_vars, x_kd,
-                                          strategy=spec.strategy)
+  # Named scopes label the ops for profiles (experiments/profile_step.py).
+  with jax.named_scope("perturbation"):
+    x_kd = perturb.apply(spec.method, perturb_key, x, context, spec.perturb)
+  with jax.named_scope("teachers"):
+    teacher_logits = ensemble.apply_members(teacher_model, teacher_vars,
+                                            x_kd, strategy=spec.strategy)
   temperature = spec.temperature
   targets = losses.distillation_targets(
       jax.lax.stop_gradient(teacher_logits), temperature, spec.pairing, m)

@@ -4,9 +4,11 @@ Builds a `benchmark.py` CPU case (ResNet-32 / CIFAR-10 BE-4 student, 128 x 4
 images, float32, one device), runs warm-up steps, traces one step with
 `jax.profiler` and sums the executed thunks' times by
 
-- phase, from the HLO op name XLA keeps for each instruction: the student's
-  forward pass (`jvp(...)`), its backward pass (`transpose(...)`), and the
-  rest (the teachers' forward pass, the perturbation, the update);
+- phase, from the HLO op name XLA keeps for each instruction: the
+  perturbation (the step's `perturbation` scope: for ODS / ConfODS a
+  teacher's forward and input-gradient passes), the student's forward pass
+  (`jvp(...)`), its backward pass (`transpose(...)`), and the rest (the
+  teachers' forward pass on the distillation inputs, losses, the update);
 - kind: convolution (XLA's, forward and input gradient), matrix product
   (the kernel gradient of `divdistill_jax/models/conv.py`, the classifier),
   and everything else (BatchNorm, BatchEnsemble scalings, ReLU, residual
@@ -37,8 +39,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-PHASES = ("student forward", "student backward", "teachers, perturbation, "
-          "update")
+PHASES = ("student forward", "student backward", "perturbation",
+          "teachers' targets, losses, update")
 KINDS = ("convolution", "matrix product", "elementwise / reduction")
 
 
@@ -92,11 +94,16 @@ def _line_kinds(hlo_text: str) -> dict[str, str]:
 
 
 def phase_of(op_name: str) -> str:
+  """The phase of an op, from its name: the step's named scopes first
+  (`perturbation`, with its own forward and backward passes), then the
+  autodiff transform of the student's loss."""
+  if re.search(r"(^|/)perturbation(/|$)", op_name):
+    return PHASES[2]
   if "transpose(" in op_name:
     return PHASES[1]
   if "jvp(" in op_name:
     return PHASES[0]
-  return PHASES[2]
+  return PHASES[3]
 
 
 def summarise(trace_dir: str, hlo_text: str) -> dict:

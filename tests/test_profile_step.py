@@ -5,7 +5,13 @@ import json
 import os
 import sys
 
-from conftest import ROOT
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jax_core
+import numpy as np
+from conftest import ROOT, load_config
+
+from divdistill_jax import data, distill, ensemble, parallel, teachers
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import profile_step  # noqa: E402
@@ -63,7 +69,7 @@ def test_summarise_sums_thunks_by_phase_and_kind(tmp_path):
       {"ph": "i", "name": "dot.7", "dur": 5000},
   ]
   ms = profile_step.summarise(_trace(tmp_path, events), HLO)
-  fwd, bwd, rest = profile_step.PHASES
+  fwd, bwd, _, rest = profile_step.PHASES
   conv, dot, other = profile_step.KINDS
   expected = {(fwd, conv): 4.0, (bwd, other): 0.5, (bwd, dot): 2.0,
               (rest, other): 0.7}
@@ -75,10 +81,51 @@ def test_summarise_sums_thunks_by_phase_and_kind(tmp_path):
   assert text.splitlines()[-1].startswith("| all | 4 | 2 | 1 |")
 
 
-def test_phase_of_reads_the_autodiff_transform():
-  assert profile_step.phase_of("jit(s)/jvp(Net)/Conv_0/mul") == (
-      profile_step.PHASES[0])
-  assert profile_step.phase_of("jit(s)/transpose(jvp(Net))/Conv_0/mul") == (
-      profile_step.PHASES[1])
-  assert profile_step.phase_of("jit(s)/Net/Conv_0/mul") == (
-      profile_step.PHASES[2])
+def _name_stacks(jaxpr, out):
+  for eqn in jaxpr.eqns:
+    out.append((eqn.primitive.name, str(eqn.source_info.name_stack)))
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      _name_stacks(sub, out)
+  return out
+
+
+def test_step_labels_the_perturbation_and_teachers_scopes():
+  """A ConfODS student step's ops carry the scopes phase_of reads: the
+  teacher's input-gradient pass is labelled perturbation, not student."""
+  config = load_config("quickstart", "confods,smoke", **{
+      "model.name": "resnet2_w4", "student.batch_size": 4})
+  info = data.dataset_info(config.data.name)
+  rng = np.random.default_rng(0)
+  splits = {"train": (
+      rng.integers(0, 256, (8, *info.image_shape), dtype=np.uint8),
+      rng.integers(0, info.num_classes, 8, dtype=np.int32))}
+  model = teachers.build_teacher_model(config)
+  tvars = ensemble.init_members(model, jax.random.key(1),
+                                config.teacher.ensemble_size,
+                                jnp.zeros((1, *info.image_shape)))
+  task = distill.make_student_task(config, parallel.make_mesh(1), splits,
+                                   model, tvars)
+  images, labels = task.batch_fn(0)
+  jaxpr = jax.make_jaxpr(task.train_step)(task.state, images, labels,
+                                          jax.random.key(0))
+  convs = [(profile_step.phase_of(stack), stack) for name, stack in
+           _name_stacks(jaxpr.jaxpr, []) if name == "conv_general_dilated"]
+  phases = {phase for phase, _ in convs}
+  assert phases == set(profile_step.PHASES), phases
+  # The perturbation differentiates a teacher: its transposed convolutions.
+  assert any(phase == profile_step.PHASES[2] and "transpose(" in stack
+             for phase, stack in convs)
+
+
+def test_phase_of_reads_the_scopes_and_autodiff_transforms():
+  fwd, bwd, perturbation, rest = profile_step.PHASES
+  assert profile_step.phase_of("jit(s)/jvp(Net)/Conv_0/mul") == fwd
+  assert profile_step.phase_of("jit(s)/transpose(jvp(Net))/Conv_0/mul") == bwd
+  # The perturbation's own autodiff passes (a teacher's input gradient)
+  # belong to the perturbation, not to the student.
+  assert profile_step.phase_of(
+      "jit(s)/perturbation/transpose(jvp(Net))/Conv_0/mul") == perturbation
+  assert profile_step.phase_of("jit(s)/perturbation/jvp(Net)/mul") == (
+      perturbation)
+  assert profile_step.phase_of("jit(s)/teachers/Net/Conv_0/mul") == rest
+  assert profile_step.phase_of("jit(s)/Net/perturbations_x/mul") == rest
