@@ -55,19 +55,10 @@ def _instructions(hlo_text: str) -> dict[str, str]:
   return names
 
 
-def _kind(thunk: str, hlo_line_kinds: dict[str, str]) -> str:
-  if thunk in hlo_line_kinds:
-    return hlo_line_kinds[thunk]
-  if thunk.startswith(("ynn_fusion", "conv", "convolution")):
-    return KINDS[0]
-  if thunk.startswith("dot"):
-    return KINDS[1]
-  return KINDS[2]
-
-
 def _line_kinds(hlo_text: str) -> dict[str, str]:
   """Instruction name -> kind, from what the instruction (or the computation
-  a fusion calls) contains."""
+  a fusion calls) contains. YNNPACK fusions hold convolutions, dots or
+  reductions, so the name alone does not say."""
   comps, current = collections.defaultdict(list), None
   for line in hlo_text.splitlines():
     m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) [(\[].*\{$", line)
@@ -118,7 +109,7 @@ def summarise(trace_dir: str, hlo_text: str) -> dict:
   for e in events:
     if e.get("ph") != "X" or e["name"] not in names:
       continue
-    table[(phase_of(names[e["name"]]), _kind(e["name"], kinds))] += (
+    table[(phase_of(names[e["name"]]), kinds.get(e["name"], KINDS[2]))] += (
         e.get("dur", 0) / 1e3)
   return {f"{p} | {k}": round(table[(p, k)], 1) for p in PHASES
           for k in KINDS}
