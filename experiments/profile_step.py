@@ -33,6 +33,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -133,11 +134,15 @@ def markdown(row: dict) -> str:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="Output folder.")
-  parser.add_argument("--method", default="kd", help="kd, confods, ...")
+  parser.add_argument("--method", default="kd", choices=("kd", "confods"))
   parser.add_argument("--warmup", type=int, default=3)
   args = parser.parse_args(argv)
-  # The optimised HLO of the executable that runs, for the op names.
+  # The optimised HLO of the executable that runs, for the op names; an
+  # earlier run's dump and trace in --out would be read instead.
   dump = os.path.join(os.path.abspath(args.out), "hlo")
+  trace_dir = os.path.join(args.out, "trace")
+  for stale in (dump, trace_dir):
+    shutil.rmtree(stale, ignore_errors=True)
   if "jax" in sys.modules:
     raise RuntimeError("Run profile_step.py in a fresh process (it sets "
                        "XLA_FLAGS before JAX starts).")
@@ -148,10 +153,12 @@ def main(argv=None) -> dict:
   import jax
   jax.config.update("jax_threefry_partitionable", True)
   import benchmark
+  from divdistill_jax import fileio
   from divdistill_jax.models import conv
-  case = benchmark.Case(
-      f"student resnet32 {args.method} 128x4", "student", "cifar10_resnet32",
-      128, method=args.method, dtype="float32", devices=1, kernel_grad="auto")
+  # benchmark.py's own case, with our kernel gradient (the default).
+  case = next(c for c in benchmark.cpu_cases(["float32"])
+              if c.name == f"student resnet32 {args.method} 128x4"
+              and c.kernel_grad == "auto")
   os.makedirs(args.out, exist_ok=True)
   with conv.cpu_kernel_grad(case.kernel_grad):
     task, images, labels = benchmark.build(case)
@@ -163,7 +170,6 @@ def main(argv=None) -> dict:
       state, _ = task.train_step(state, images, labels, key)
       jax.block_until_ready(state)
       times.append(1e3 * (time.perf_counter() - start))
-    trace_dir = os.path.join(args.out, "trace")
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     state, _ = task.train_step(state, images, labels, key)
     jax.block_until_ready(state)
@@ -178,10 +184,8 @@ def main(argv=None) -> dict:
          "ms": summarise(trace_dir, hlo)}
   text = markdown(row)
   print(text)
-  with open(os.path.join(args.out, "profile.json"), "w") as f:
-    json.dump(row, f, indent=2)
-  with open(os.path.join(args.out, "profile.md"), "w") as f:
-    f.write(text + "\n")
+  fileio.write_json(os.path.join(args.out, "profile.json"), row, indent=2)
+  fileio.write_text(os.path.join(args.out, "profile.md"), text + "\n")
   return row
 
 
