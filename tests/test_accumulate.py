@@ -81,9 +81,12 @@ def test_student_microbatches_give_the_whole_batch_step(
   mesh = parallel.make_mesh(devices)
   whole, accumulated = (_first_step(distill.make_student_task(
       c, mesh, splits, model, variables)) for c in configs)
-  # The perturbation saw the whole batch as before (same draws).
+  # The perturbation saw the whole batch as before (same draws). Two
+  # programs compiled apart may sum the pixel norms in another order:
+  # float32 rounding (a relative 3e-6 seen), far below what other draws
+  # or other clipping would change.
   np.testing.assert_allclose(whole[1]["perturbation_l2"],
-                             accumulated[1]["perturbation_l2"], rtol=1e-6)
+                             accumulated[1]["perturbation_l2"], rtol=1e-5)
   _assert_same_step(whole, accumulated)
   # Not vacuous: the step moved the parameters and statistics.
   assert not np.allclose(whole[0].batch_stats["BatchNorm_0"]["mean"], 0)

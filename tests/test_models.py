@@ -121,6 +121,47 @@ def test_grouped_batch_norm_matches_manual(group_size):
                              rtol=1e-4)
 
 
+def _batch_norm_by_group(x, scale, bias, group_size):
+  """An independent BatchNorm: a loop over groups, jnp.var, and autodiff."""
+  outs, means, vars_ = [], [], []
+  for start in range(0, x.shape[1], group_size):
+    block = x[:, start:start + group_size]
+    mu, var = block.mean(axis=(0, 1, 2, 3)), block.var(axis=(0, 1, 2, 3))
+    outs.append((block - mu) / jnp.sqrt(var + 1e-5) * scale + bias)
+    means.append(mu)
+    vars_.append(var)
+  return jnp.concatenate(outs, 1), jnp.stack(means), jnp.stack(vars_)
+
+
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_batch_norm_gradient_matches_autodiff_of_a_loop(group_size):
+  """The written-out BatchNorm gradient (input, scale, bias, and the
+  cotangents of the group statistics) against autodiff of a per-group
+  loop."""
+  keys = jax.random.split(jax.random.key(5), 6)
+  x = jax.random.normal(keys[0], (3, 4, 5, 5, 6)) * 2 + 1
+  scale = jax.random.uniform(keys[1], (6,), minval=0.5, maxval=1.5)
+  bias = jax.random.normal(keys[2], (6,))
+  groups = 1 if group_size is None else 4 // group_size
+  cotangents = (jax.random.normal(keys[3], x.shape),
+                jax.random.normal(keys[4], (groups, 6)),
+                jax.random.normal(keys[5], (groups, 6)))
+  got_out, got_vjp = jax.vjp(
+      lambda *a: layers.batch_norm(*a, group_size, 1e-5), x, scale, bias)
+  want_out, want_vjp = jax.vjp(
+      lambda *a: _batch_norm_by_group(*a, group_size or 4), x, scale, bias)
+  for got, want in zip(got_out, want_out):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for got, want in zip(got_vjp(cotangents), want_vjp(cotangents)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # The training step's case: only the output has a cotangent.
+  got_x = jax.grad(lambda v: (layers.batch_norm(v, scale, bias, group_size,
+                                                1e-5)[0] ** 3).sum())(x)
+  want_x = jax.grad(lambda v: (_batch_norm_by_group(
+      v, scale, bias, group_size or 4)[0] ** 3).sum())(x)
+  np.testing.assert_allclose(got_x, want_x, rtol=1e-4, atol=1e-4)
+
+
 def test_batch_norm_group_must_divide_batch():
   bn = layers.BatchNorm(use_running_average=False, group_size=3)
   with pytest.raises(ValueError, match="must divide"):

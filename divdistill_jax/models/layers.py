@@ -11,6 +11,7 @@ Fast-weight names start with `fast_` so the optimiser can group them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -240,8 +241,11 @@ class BatchNorm(nn.Module):
     xf = x.astype(jnp.float32)
     if self.use_running_average:
       y = (xf - mean_var.value) * jax.lax.rsqrt(var_var.value + self.epsilon)
+      y = y * scale + bias
     else:
-      y, mean, var, count = _group_normalise(xf, self.group_size, self.epsilon)
+      y, mean, var = batch_norm(xf, scale, bias, self.group_size,
+                                self.epsilon)
+      count = _group_axes(x.shape, self.group_size)[2]
       if not self.is_initializing():
         if self.running_var not in RUNNING_VARS:
           raise ValueError(f"Unknown running_var {self.running_var!r}; use "
@@ -252,32 +256,100 @@ class BatchNorm(nn.Module):
                           + (1 - self.momentum) * mean.mean(0))
         var_var.value = (self.momentum * var_var.value
                          + (1 - self.momentum) * var.mean(0))
-    return (y * scale + bias).astype(self.dtype)
+    return y.astype(self.dtype)
 
 
-def _group_normalise(x: jax.Array, group_size: int | None, epsilon: float):
-  """Normalises [..., B, H, W, C] per group of images along B.
-
-  Returns:
-    (normalised x, group means [G, C], group biased variances [G, C],
-    number of values per channel in a group).
-  """
-  lead, b, rest = x.shape[:-4], x.shape[-4], x.shape[-3:]
+def _group_axes(shape: tuple[int, ...], group_size: int | None):
+  """(grouped shape, axes each group's statistics are taken over, count)."""
+  lead, b, rest = shape[:-4], shape[-4], shape[-3:]
   g = b if group_size is None else group_size
   if g <= 0 or b % g:
     raise ValueError(
         f"BatchNorm group_size={group_size} must divide the batch of {b} "
         "images."
     )
-  groups = b // g
-  xg = x.reshape((*lead, groups, g, *rest))
-  group_axis = len(lead)
-  axes = tuple(a for a in range(xg.ndim - 1) if a != group_axis)
+  grouped = (*lead, b // g, g, *rest)
+  axes = tuple(a for a in range(len(grouped) - 1) if a != len(lead))
+  return grouped, axes, int(np.prod([grouped[a] for a in axes]))
+
+
+def _batch_norm_forward(x, scale, bias, group_size, epsilon):
+  """(output, group means [G, C], group variances [G, C]), and the
+  keepdims mean and 1 / std the gradient needs."""
+  grouped, axes, _ = _group_axes(x.shape, group_size)
+  xg = x.reshape(grouped)
   mean = xg.mean(axes, keepdims=True)
   var = jnp.square(xg - mean).mean(axes, keepdims=True)
-  y = ((xg - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape)
-  count = int(np.prod([xg.shape[a] for a in axes]))
-  return (y, mean.reshape(groups, -1), var.reshape(groups, -1), count)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  y = ((xg - mean) * rstd).reshape(x.shape) * scale + bias
+  c = x.shape[-1]
+  return (y, mean.reshape(-1, c), var.reshape(-1, c)), (mean, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+               group_size: int | None, epsilon: float):
+  """Training-mode BatchNorm of [..., B, H, W, C] per group of images.
+
+  The statistics of a group are taken over every axis but C, for
+  `group_size` images along B and all leading axes (`None`: one group).
+
+  Its gradient is written out, as PyTorch's BatchNorm backward is: the two
+  per-channel sums sum(g) and sum(g * x_hat) give the scale's, the bias's
+  and the input's gradients. Autodiff of the mean and variance makes
+  XLA:CPU pass over the image tensors more often (the ResNet-32 student
+  step's bytes accessed, by XLA's cost model: 37.4 GB with autodiff, 31.5
+  GB with this; experiments/BENCHMARKS.md, "CPU step"). Only the order of
+  float additions differs (tests/test_models.py).
+
+  Args:
+    x: [..., B, H, W, C] float32.
+    scale: [C].
+    bias: [C].
+    group_size: images per group (dividing B), or None.
+    epsilon: added to the variance.
+
+  Returns:
+    (x_hat * scale + bias [..., B, H, W, C], group means [G, C], group
+    biased variances [G, C]).
+  """
+  return _batch_norm_forward(x, scale, bias, group_size, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, group_size, epsilon):
+  out, (mean, rstd) = _batch_norm_forward(x.value, scale.value, bias.value,
+                                          group_size, epsilon)
+  return out, (x.value, scale.value, mean, rstd)
+
+
+def _batch_norm_bwd(group_size, epsilon, res, cotangents):
+  del epsilon
+  x, scale, mean, rstd = res
+  g, g_mean, g_var = cotangents
+  zero = jax.custom_derivatives.SymbolicZero
+  grouped, axes, count = _group_axes(x.shape, group_size)
+  xg = x.reshape(grouped)
+  x_hat = (xg - mean) * rstd
+  dx = jnp.zeros_like(xg)
+  d_scale = d_bias = jnp.zeros_like(scale)
+  if type(g) is not zero:  # pylint: disable=unidiomatic-typecheck
+    gg = g.reshape(grouped)
+    sum_g = gg.sum(axes, keepdims=True)
+    sum_gx = (gg * x_hat).sum(axes, keepdims=True)
+    dx = (scale * rstd) * (gg - (sum_g + x_hat * sum_gx) / count)
+    d_bias = sum_g.reshape(-1, scale.shape[0]).sum(0)
+    d_scale = sum_gx.reshape(-1, scale.shape[0]).sum(0)
+  # The group statistics are outputs too (for the running averages), so
+  # their cotangents, symbolic zeros in a training step, are honoured.
+  shape = mean.shape
+  if type(g_mean) is not zero:  # pylint: disable=unidiomatic-typecheck
+    dx = dx + g_mean.reshape(shape) / count
+  if type(g_var) is not zero:  # pylint: disable=unidiomatic-typecheck
+    dx = dx + g_var.reshape(shape) * 2 * x_hat / (rstd * count)
+  return dx.reshape(x.shape), d_scale, d_bias
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd, symbolic_zeros=True)
 
 
 class Normalize(nn.Module):
