@@ -345,7 +345,7 @@ def _batch_norm_bwd(group_size, epsilon, res, cotangents):
   if type(g_mean) is not zero:  # pylint: disable=unidiomatic-typecheck
     dx = dx + g_mean.reshape(shape) / count
   if type(g_var) is not zero:  # pylint: disable=unidiomatic-typecheck
-    dx = dx + g_var.reshape(shape) * 2 * x_hat / (rstd * count)
+    dx = dx + g_var.reshape(shape) * 2 * (xg - mean) / count
   return dx.reshape(x.shape), d_scale, d_bias
 
 
