@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from divdistill_jax import augment, ensemble, fileio, metrics, perturb, step
+from divdistill_jax.models import conv
 
 
 def teacher_perturbation(config: ml_collections.ConfigDict, teacher_model):
@@ -32,7 +33,8 @@ def teacher_perturbation(config: ml_collections.ConfigDict, teacher_model):
   """
   teacher_fn = ensemble.member_fn(teacher_model)
 
-  @functools.partial(jax.jit, static_argnames="method")
+  @functools.partial(jax.jit, static_argnames="method",
+                     compiler_options=conv.compiler_options())
   def perturbed(variables, key, x, eta, method):
     options = step.perturb_options(config, eta)
     if options.group_size is not None and len(x) % options.group_size:

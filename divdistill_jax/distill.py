@@ -20,6 +20,7 @@ from divdistill_jax import (accumulate, calibrate, data, latentbe,
                             logging_utils, optim, parallel, perturb, runtime,
                             stages, step, teachers, train)
 from divdistill_jax import workdir as workdir_lib
+from divdistill_jax.models import conv
 from divdistill_jax.student import Student, predict_fn
 
 
@@ -93,7 +94,7 @@ def make_student_task(config: ml_collections.ConfigDict, mesh, splits: dict,
         spec=dataclasses.replace(
             spec, microbatches=microbatches, shards=shards,
             perturb=dataclasses.replace(spec.perturb, group_size=group))),
-        donate_argnums=0)
+        donate_argnums=0, compiler_options=conv.compiler_options())
 
   steps = {batch: compiled_step(scfg.bn_group_size, batch,
                                 scfg.microbatches)}

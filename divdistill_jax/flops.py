@@ -78,5 +78,9 @@ def count(fn: Callable, *args, **kwargs) -> float:
   """FLOPs of the convs and matmuls of `fn(*args, **kwargs)`.
 
   Arguments may be arrays or `jax.ShapeDtypeStruct`s; nothing is computed.
+  A jitted `fn` is traced as the top-level function: JAX refuses to trace
+  one with `compiler_options` (the steps on a CPU) inside another trace.
   """
+  if hasattr(fn, "trace"):
+    return count_jaxpr(fn.trace(*args, **kwargs).jaxpr)
   return count_jaxpr(jax.make_jaxpr(fn)(*args, **kwargs))

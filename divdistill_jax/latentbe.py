@@ -16,6 +16,7 @@ member computes s * (W (r * x) + b). The distill job evaluates both.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from divdistill_jax import augment, parallel, runtime
-from divdistill_jax.models import layers
+from divdistill_jax.models import conv, layers
 
 PyTree = Any
 BIAS_RULES = ("sb", "b")
@@ -110,7 +111,7 @@ def reestimate_batch_stats(plain_model, variables: PyTree, images: np.ndarray,
   """
   keep = layers.BatchNorm.momentum
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=conv.compiler_options())
   def batch_stats(params, x):
     # From zero running statistics one update leaves (1 - momentum) x the
     # batch's statistics.
@@ -168,7 +169,7 @@ def merged_predictions(config: ml_collections.ConfigDict, plain_model,
     `student.merge_bn_reestimate` (statistics re-estimated on the training
     images).
   """
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=conv.compiler_options())
   def predict(v, images):
     logits = plain_model.apply(v, augment.to_float(images), train=False)
     return jax.nn.softmax(logits, -1)[None]
@@ -198,7 +199,7 @@ def merged_predict_fn(plain_model, bias_rule: str = "sb"):
     the follow-up's validation of a LatentBE student (rule 'sb', as the
     authors' training script merges).
   """
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=conv.compiler_options())
   def predict(variables, images):
     logits = plain_model.apply(merge(variables, bias_rule),
                                augment.to_float(images), train=False)

@@ -10,11 +10,14 @@ is the single network it merges into (latentbe.py).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from divdistill_jax import augment, configlib, data, models
+from divdistill_jax.models import conv
 
 
 class Student:
@@ -79,7 +82,7 @@ def predict_fn(student: Student):
   Returns:
     `(variables, images uint8 [B, H, W, C]) -> probs [M, B, K]`.
   """
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=conv.compiler_options())
   def predict(variables, images):
     logits, _ = student.apply(
         variables, student.tile(augment.to_float(images)), train=False)

@@ -24,6 +24,7 @@ from divdistill_jax import (accumulate, augment, checkpointing, configlib,
                             data, ensemble, losses, models, optim, parallel,
                             runtime, train)
 from divdistill_jax import workdir as workdir_lib
+from divdistill_jax.models import conv
 
 
 class TeacherError(ValueError):
@@ -137,7 +138,7 @@ def make_teacher_task(config: ml_collections.ConfigDict, mesh,
                           strategy=strategy, padding=config.data.crop_padding,
                           flip=config.data.flip, microbatches=microbatches,
                           shards=shards),
-        donate_argnums=0)
+        donate_argnums=0, compiler_options=conv.compiler_options())
 
   steps = {batch: compiled_step(model, tcfg.microbatches)}
   partial = runtime.partial_last_batch(n, batch, tcfg.bn_group_size, config,
@@ -163,7 +164,8 @@ def make_teacher_task(config: ml_collections.ConfigDict, mesh,
 
   probs = ensemble.probs_fn(model, strategy)
 
-  @jax.jit  # Scaling inside the jit, as the students' predictions do.
+  # Scaling inside the jit, as the students' predictions do.
+  @functools.partial(jax.jit, compiler_options=conv.compiler_options())
   def predict(variables, images):
     return probs(variables, augment.to_float(images))
 

@@ -237,7 +237,9 @@ def _measure(case: Case, repeats: int, flops_only: bool) -> dict:
   from divdistill_jax import flops
   task, images, labels = build(case)
   key = jax.random.key(0)
-  step_flops = flops.count(task.train_step, task.state, images, labels, key)
+  axis = 1 if case.kind == "teacher" else 0
+  step_flops = flops.count(task.step_fns[images.shape[axis]], task.state,
+                           images, labels, key, *task.step_args)
   row = {**dataclasses.asdict(case), "images_per_step": task.images_per_step,
          "gflop_per_step": step_flops / 1e9,
          "gflop_per_image": step_flops / 1e9 / task.images_per_step}

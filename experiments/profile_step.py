@@ -16,7 +16,11 @@ images, float32, one device), runs warm-up steps, traces one step with
 
 Thunks may overlap a little (XLA:CPU runs independent ones concurrently), so
 the sums can exceed the step's wall time; per-thunk times are not reliable,
-the sums are. Run on a quiet machine:
+the sums are. XLA's Eigen convolutions, which the steps use on a CPU
+(`conv.compiler_options()`), run on Eigen's thread pool and their thunk
+events record only the dispatch: their time is in the gap between the
+traced step's wall time and the thunks' sum, which the table's last line
+gives. Run on a quiet machine:
 
   python experiments/profile_step.py --method=kd --out=/tmp/profile_kd
 
@@ -128,6 +132,10 @@ def markdown(row: dict) -> str:
   sums = [sum(row["ms"][f"{p} | {k}"] for p in PHASES) for k in KINDS]
   out.append("| all | " + " | ".join(f"{v:,.0f}" for v in sums)
              + f" | {sum(sums):,.0f} |")
+  out += ["", f"The traced step took {row['traced_ms']:,.0f} ms; "
+          f"{row['traced_ms'] - sum(sums):,.0f} ms of it is in no thunk "
+          "event (XLA's Eigen convolutions record only their dispatch; "
+          "negative when thunks overlap)."]
   return "\n".join(out)
 
 
@@ -171,8 +179,10 @@ def main(argv=None) -> dict:
       jax.block_until_ready(state)
       times.append(1e3 * (time.perf_counter() - start))
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    start = time.perf_counter()
     state, _ = task.train_step(state, images, labels, key)
     jax.block_until_ready(state)
+    traced = 1e3 * (time.perf_counter() - start)
     jax.profiler.stop_trace()
   [hlo_path] = glob.glob(os.path.join(
       dump, "*student_train_step*cpu_after_optimizations.txt"))
@@ -180,7 +190,7 @@ def main(argv=None) -> dict:
     hlo = f.read()
   steps = [round(t) for t in times[1:]]
   row = {"case": case.name, "steps_ms": steps,
-         "median_ms": statistics.median(steps),
+         "median_ms": statistics.median(steps), "traced_ms": round(traced),
          "ms": summarise(trace_dir, hlo)}
   text = markdown(row)
   print(text)

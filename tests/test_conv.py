@@ -172,3 +172,33 @@ def test_a_batchensemble_network_has_the_same_gradient_either_way():
   for a, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     scale = max(float(jnp.abs(r).max()), 1e-6)
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_cpu_compiler_options_take_convolutions_off_ynnpack_and_keep_numbers():
+  options = conv.compiler_options()
+  assert options == conv.CPU_COMPILER_OPTIONS  # the pinned jaxlib knows it
+  # 32 output channels: the pinned XLA:CPU gives such convolutions to
+  # YNNPACK by default.
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 8, 32))
+
+  def f(x, w):  # a forward and an input-gradient convolution
+    y, vjp = jax.vjp(lambda v: _xla_conv(v, w, 1, 1), x)
+    return y, vjp(jnp.ones_like(y))[0]
+
+  with_options = jax.jit(f, compiler_options=options)
+  entry = with_options.lower(x, w).compile().as_text().split("ENTRY")[1]
+  assert entry.count(" convolution(") == 2
+  assert "ynn" not in entry
+  for got, want in zip(with_options(x, w), jax.jit(f)(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_compiler_options_fall_back_when_xla_lacks_them(monkeypatch):
+  monkeypatch.setattr(conv, "CPU_COMPILER_OPTIONS",
+                      {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"})
+  conv.compiler_options.cache_clear()
+  try:
+    assert conv.compiler_options() is None
+  finally:
+    conv.compiler_options.cache_clear()

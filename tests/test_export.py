@@ -8,6 +8,8 @@ bfloat16 on a 2-device mesh, for every registered method, a LatentBE
 student, the teachers and the evaluation forward.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,13 @@ def _student_task(config, mesh):
       a.shape, a.dtype, sharding=parallel.replicated(mesh)), tvars)
   return distill.make_student_task(config, mesh, _splits(config), model,
                                    tvars, abstract=True)
+
+
+def _library_convolutions(hlo: str) -> int:
+  """Convolutions inside the computations that YNNPACK fusions call."""
+  called = set(re.findall(r"ynn_fusion[\w.\-]* = .*?calls=(%[\w.\-]+)", hlo))
+  return sum(block.count(" convolution(") for block in hlo.split("\n\n")
+             if block.strip() and block.split(" ", 1)[0].strip() in called)
 
 
 def _splits(config):
@@ -169,7 +178,25 @@ def test_the_student_step_is_data_parallel(entry):
     compiled = fn.lower(task.state, *_images(config, mesh,
                                              config.student.batch_size),
                         _key(mesh), *task.step_args).compile()
+    text = compiled.as_text()
     if devices == 2:
-      assert "all-gather" not in compiled.as_text()
+      assert "all-gather" not in text
+    # On a CPU the step compiles with conv.compiler_options(): XLA's own
+    # convolutions, not YNNPACK's (models/conv.py).
+    assert " convolution(" in text and not _library_convolutions(text)
     temps[devices] = compiled.memory_analysis().temp_size_in_bytes
   assert temps[2] < 0.75 * temps[1], temps
+
+
+def test_the_teacher_step_compiles_with_the_cpu_options():
+  """Like the student step's (above): XLA's own convolutions on a CPU, for
+  the 32-channel ones too, which XLA:CPU's defaults give to YNNPACK."""
+  config = _config("kd", "float32", 1)
+  mesh = parallel.make_mesh(1)
+  task = teachers.make_teacher_task(config, mesh, _splits(config),
+                                    abstract=True)
+  (fn,) = task.step_fns.values()
+  images, labels = _images(config, mesh, config.teacher.batch_size, axis=1,
+                           lead=(config.teacher.ensemble_size,))
+  text = fn.lower(task.state, images, labels, _key(mesh)).compile().as_text()
+  assert " convolution(" in text and not _library_convolutions(text)

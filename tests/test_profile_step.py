@@ -77,8 +77,10 @@ def test_summarise_sums_thunks_by_phase_and_kind(tmp_path):
     for k in profile_step.KINDS:
       assert ms[f"{p} | {k}"] == expected.get((p, k), 0.0), (p, k)
   text = profile_step.markdown({"case": "c", "steps_ms": [1, 2],
-                                "median_ms": 1.5, "ms": ms})
-  assert text.splitlines()[-1].startswith("| all | 4 | 2 | 1 |")
+                                "median_ms": 1.5, "traced_ms": 10, "ms": ms})
+  assert text.splitlines()[-3].startswith("| all | 4 | 2 | 1 |")
+  # 10 ms of wall time, 7.2 in thunk events (4 + 2 + 1.2).
+  assert "took 10 ms; 3 ms of it is in no thunk event" in text
 
 
 def _name_stacks(jaxpr, out):
@@ -106,8 +108,10 @@ def test_step_labels_the_perturbation_and_teachers_scopes():
   task = distill.make_student_task(config, parallel.make_mesh(1), splits,
                                    model, tvars)
   images, labels = task.batch_fn(0)
-  jaxpr = jax.make_jaxpr(task.train_step)(task.state, images, labels,
-                                          jax.random.key(0))
+  # Traced as the top-level function: on a CPU the step's jit carries
+  # compiler options, which JAX refuses inside another trace.
+  jaxpr = task.step_fns[len(images)].trace(
+      task.state, images, labels, jax.random.key(0), *task.step_args).jaxpr
   convs = [(profile_step.phase_of(stack), stack) for name, stack in
            _name_stacks(jaxpr.jaxpr, []) if name == "conv_general_dilated"]
   phases = {phase for phase, _ in convs}

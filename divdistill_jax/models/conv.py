@@ -14,6 +14,10 @@ streamed over chunks of images small enough to stay in cache; on every
 other platform, and for the forward pass and the input gradient
 everywhere, it is XLA's own convolution. Only the order of the float
 additions differs (tests/test_conv.py).
+
+`compiler_options()` gives the jitted steps and predictions on a CPU
+XLA's Eigen convolutions instead of YNNPACK's, which are slower at our
+shapes (the same convolutions, another library's rounding).
 """
 
 from __future__ import annotations
@@ -36,6 +40,34 @@ MATMUL_MIN_BYTES = 1 << 20
 # or 'xla' (never; the benchmark's before/after). Set with `cpu_kernel_grad`.
 CPU_KERNEL_GRADS = ("auto", "matmul", "xla")
 _CPU_KERNEL_GRAD = ["auto"]
+# XLA:CPU (jaxlib 0.10) hands matrix products, reductions and convolutions
+# (those with 32 channels or more, in our tests) to YNNPACK. At the
+# ResNet-32 stage-2 and stage-3 shapes (512 images) its convolutions took
+# 25-28 ms where XLA's Eigen convolutions took 14-15 ms, the strided one
+# 38-40 against 10-16 ms (experiments/BENCHMARKS.md, "CPU step"). The
+# programs that run a network keep YNNPACK for the other two only.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def compiler_options() -> dict[str, str] | None:
+  """`jax.jit` compiler options for the programs that run a network.
+
+  `CPU_COMPILER_OPTIONS` when the default backend is the CPU and its XLA
+  knows the option (it is experimental: another jaxlib may not); None, XLA's
+  defaults, otherwise. Call it after `jax.distributed.initialize`: it
+  starts the backend.
+  """
+  if jax.default_backend() != "cpu":
+    return None
+  try:
+    jax.jit(lambda v: v + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+        jnp.zeros((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError:
+    return None
+  return CPU_COMPILER_OPTIONS
 
 
 @contextlib.contextmanager
