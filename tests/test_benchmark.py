@@ -62,3 +62,12 @@ def test_summary_pairs_rows_that_differ_in_one_field():
       "- student confods (float32): 2 devices 300.0 ms vs 1 device 190.0 ms",
       "- t4 (float32): 90.0 ms vs 4 separate one-member steps 120.0 ms",
   ]
+
+
+def test_ab_cpu_options_alternates_both_compilations():
+  import ab_cpu_options  # pylint: disable=g-import-not-at-top
+  out = ab_cpu_options.main(["--net=quickstart", "--method=kd",
+                             "--rounds=2"])
+  assert out["case"] == "student quickstart kd 50x4"
+  for name in ("XLA defaults", "conv.compiler_options()"):
+    assert len(out[name]["steps_ms"]) == 2 and out[name]["median_ms"] > 0
