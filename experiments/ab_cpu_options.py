@@ -47,32 +47,31 @@ def main(argv=None) -> dict:
               if c.kind == "student" and c.kernel_grad == "auto"
               and c.name.startswith(f"student {args.net} {args.method} "))
   key = jax.random.key(0)
-  runs = {}
+  builds, states, times = {}, {}, {}
   for name, options in (("XLA defaults", None),
                         ("conv.compiler_options()", conv.compiler_options())):
     # The steps read conv.compiler_options() when they are built.
     with mock.patch.object(conv, "compiler_options", lambda o=options: o):
-      task, images, labels = benchmark.build(case)
-    state, _ = task.train_step(task.state, images, labels, key)  # compiles
-    jax.block_until_ready(state)
-    runs[name] = [task, images, labels, state, []]
+      task, images, labels = builds[name] = benchmark.build(case)
+    states[name], _ = task.train_step(task.state, images, labels,
+                                      key)  # compiles
+    jax.block_until_ready(states[name])
+    times[name] = []
   steal = _steal_ticks()
   for _ in range(args.rounds):
-    for run in runs.values():
-      task, images, labels, state, times = run
+    for name, (task, images, labels) in builds.items():
       start = time.perf_counter()
-      state, _ = task.train_step(state, images, labels, key)
-      jax.block_until_ready(state)
-      times.append(round(1e3 * (time.perf_counter() - start)))
-      run[3] = state
+      states[name], _ = task.train_step(states[name], images, labels, key)
+      jax.block_until_ready(states[name])
+      times[name].append(round(1e3 * (time.perf_counter() - start)))
   steal = _steal_ticks() - steal
   out = {"case": case.name, "steal_ticks": steal}
   print(f"{case.name}, {args.rounds} rounds alternating, steal ticks "
         f"{steal}:")
-  for name, run in runs.items():
-    out[name] = {"steps_ms": run[4], "median_ms": statistics.median(run[4])}
+  for name, steps in times.items():
+    out[name] = {"steps_ms": steps, "median_ms": statistics.median(steps)}
     print(f"  {name}: median {out[name]['median_ms']:,.0f} ms, steps "
-          f"{run[4]}")
+          f"{steps}")
   return out
 
 
