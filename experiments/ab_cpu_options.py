@@ -1,15 +1,22 @@
-"""A CPU student step under XLA's default options and under ours, alternating.
+"""A CPU student step in two variants, built in one process and alternated.
 
-`conv.compiler_options()` compiles the steps on a CPU with XLA's Eigen
-convolutions instead of YNNPACK's. Step times on this project's 2-core VMs
-wander by 10-20% between processes and between minutes, more than the
-difference to be measured, so this script builds the same
-`benchmark.py` case twice in one process (one step compiled with XLA's
-defaults, one with ours), runs one step of each to compile, then
-alternates them for `--rounds` rounds and prints each one's step times and
-median, with the hypervisor's steal ticks over the run (`/proc/stat`).
+Step times on this project's 2-core VMs wander by 10-20% between processes
+and between minutes, more than the differences measured here, so this
+script builds the same `benchmark.py` case twice in one process, runs one
+step of each (tracing and compiling it), then alternates them for
+`--rounds` rounds and prints each one's step times and median, with the
+hypervisor's steal ticks over the run (`/proc/stat`). `--compare`:
+
+- `compiler_options`: XLA's default options against
+  `conv.compiler_options()` (XLA's Eigen convolutions instead of YNNPACK's).
+- `fast_weight_grads`: the BatchEnsemble convolution as three
+  differentiable steps, x r_m, the convolution, y s_m (autodiff's
+  fast-weight gradients: activation-sized products), against
+  `conv.batch_ensemble_conv2d` (the fast weights' gradients from
+  per-member kernel gradients on a CPU).
 
   python experiments/ab_cpu_options.py --method=kd --rounds=6
+  python experiments/ab_cpu_options.py --compare=fast_weight_grads
 
 Results: BENCHMARKS.md, "CPU step".
 """
@@ -17,6 +24,7 @@ Results: BENCHMARKS.md, "CPU step".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -31,31 +39,58 @@ def _steal_ticks() -> int:
     return int(f.readline().split()[8])
 
 
+def _three_step_batch_ensemble_conv2d(x, kernel, r, s, strides, padding,
+                                      dtype, image_major=False):
+  """`conv.batch_ensemble_conv2d` as autodiff sees three steps."""
+  # pylint: disable-next=g-import-not-at-top
+  from divdistill_jax.models import conv
+  x = x * r[:, None, None, None, :].astype(x.dtype)
+  y = conv.conv2d(conv.merge_members(x, image_major).astype(dtype),
+                  kernel.astype(dtype), strides, padding)
+  y = conv.split_members(y, x.shape[:2], image_major)
+  return y * s[:, None, None, None, :].astype(dtype)
+
+
+def _variants(compare: str) -> dict:
+  """{name: a context manager to build and trace that variant's step in}."""
+  # pylint: disable-next=g-import-not-at-top
+  from divdistill_jax.models import conv
+  if compare == "compiler_options":
+    # The steps read conv.compiler_options() when they are built.
+    return {"XLA defaults": lambda: mock.patch.object(
+                conv, "compiler_options", lambda: None),
+            "conv.compiler_options()": contextlib.nullcontext}
+  # The layers call conv.batch_ensemble_conv2d when the step is traced.
+  return {"autodiff of x r, conv, y s": lambda: mock.patch.object(
+              conv, "batch_ensemble_conv2d",
+              _three_step_batch_ensemble_conv2d),
+          "conv.batch_ensemble_conv2d": contextlib.nullcontext}
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--method", default="kd", choices=("kd", "confods"))
   parser.add_argument("--net", default="resnet32",
                       choices=("resnet32", "quickstart"))
   parser.add_argument("--rounds", type=int, default=6)
+  parser.add_argument("--compare", default="compiler_options",
+                      choices=("compiler_options", "fast_weight_grads"))
   args = parser.parse_args(argv)
   # pylint: disable=g-import-not-at-top
   import jax
   jax.config.update("jax_threefry_partitionable", True)
   import benchmark
-  from divdistill_jax.models import conv
   case = next(c for c in benchmark.cpu_cases(["float32"])
               if c.kind == "student" and c.kernel_grad == "auto"
               and c.name.startswith(f"student {args.net} {args.method} "))
   key = jax.random.key(0)
   builds, states, times = {}, {}, {}
-  for name, options in (("XLA defaults", None),
-                        ("conv.compiler_options()", conv.compiler_options())):
-    # The steps read conv.compiler_options() when they are built.
-    with mock.patch.object(conv, "compiler_options", lambda o=options: o):
+  for name, context in _variants(args.compare).items():
+    with context():
       task, images, labels = builds[name] = benchmark.build(case)
-    states[name], _ = task.train_step(task.state, images, labels,
-                                      key)  # compiles
-    jax.block_until_ready(states[name])
+      states[name], _ = task.train_step(task.state, images, labels,
+                                        key)  # traces and compiles
+      jax.block_until_ready(states[name])
     times[name] = []
   steal = _steal_ticks()
   for _ in range(args.rounds):
@@ -65,7 +100,7 @@ def main(argv=None) -> dict:
       jax.block_until_ready(states[name])
       times[name].append(round(1e3 * (time.perf_counter() - start)))
   steal = _steal_ticks() - steal
-  out = {"case": case.name, "steal_ticks": steal}
+  out = {"case": case.name, "compare": args.compare, "steal_ticks": steal}
   print(f"{case.name}, {args.rounds} rounds alternating, steal ticks "
         f"{steal}:")
   for name, steps in times.items():

@@ -181,22 +181,33 @@ MUTANTS = {
         "None",
         "tests/test_accumulate.py"),
     "member-major merge of the tiled batch in the convolutions": Mutant((
-        Edit("divdistill_jax/models/layers.py", "conv2d",
-             "flat = jnp.swapaxes(x, 0, 1).reshape(",
-             "flat = x.reshape("),
-        Edit("divdistill_jax/models/layers.py", "conv2d",
+        Edit("divdistill_jax/models/conv.py", "merge_members",
+             "x = jnp.swapaxes(x, 0, 1)", "pass"),
+        Edit("divdistill_jax/models/conv.py", "split_members",
              "return jnp.swapaxes(y.reshape((lead[1], lead[0], "
              "*y.shape[1:])), 0, 1)",
              "return y.reshape((*lead, *y.shape[1:]))"),
     ), ("tests/test_export.py::test_the_student_step_is_data_parallel",)),
     "kernel gradient taps in the wrong order": _one(
-        "divdistill_jax/models/conv.py", "kernel_grad_by_matmul",
+        "divdistill_jax/models/conv.py", "kernel_grads_by_matmul",
         "for i in range(k) for t in range(k)",
         "for t in range(k) for i in range(k)", "tests/test_conv.py"),
     "kernel gradient keeps only the last chunk": _one(
-        "divdistill_jax/models/conv.py", "kernel_grad_by_matmul",
-        "return acc + jnp.stack(prods)", "return 0 * acc + jnp.stack(prods)",
+        "divdistill_jax/models/conv.py", "kernel_grads_by_matmul",
+        "total = (jax.lax.dynamic_slice(acc,",
+        "total = (0 * jax.lax.dynamic_slice(acc,", "tests/test_conv.py"),
+    "kernel gradients: every member's chunks summed into the first's": _one(
+        "divdistill_jax/models/conv.py", "kernel_grads_by_matmul",
+        "start = (member, 0, 0, 0, 0)", "start = (0, 0, 0, 0, 0)",
         "tests/test_conv.py"),
+    "BatchEnsemble conv: r's gradient from r instead of s": _one(
+        "divdistill_jax/models/conv.py", "_batch_ensemble_bwd",
+        'jnp.einsum("mijcd,ijcd,md->mc", grads, w32, s32)',
+        'jnp.einsum("mijcd,ijcd,md->mc", grads, w32, r32[:, :1])',
+        "tests/test_conv.py"),
+    "BatchEnsemble conv: the fast weights' gradients by autodiff on CPU": _one(
+        "divdistill_jax/models/conv.py", "_batch_ensemble_bwd",
+        "cpu=from_member_grads", "cpu=autodiff", "tests/test_conv.py"),
     "CPU kernel gradient is XLA's convolution after all": _one(
         "divdistill_jax/models/conv.py", "_conv2d_bwd",
         "cpu=by_matmul", "cpu=native", "tests/test_conv.py"),

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 from conftest import ROOT
 
 from divdistill_jax import data, flops, teachers
@@ -64,10 +65,15 @@ def test_summary_pairs_rows_that_differ_in_one_field():
   ]
 
 
-def test_ab_cpu_options_alternates_both_compilations():
+@pytest.mark.parametrize("compare,names", [
+    ("compiler_options", ("XLA defaults", "conv.compiler_options()")),
+    ("fast_weight_grads", ("autodiff of x r, conv, y s",
+                           "conv.batch_ensemble_conv2d"))])
+def test_ab_cpu_options_alternates_both_variants(compare, names):
   import ab_cpu_options  # pylint: disable=g-import-not-at-top
   out = ab_cpu_options.main(["--net=quickstart", "--method=kd",
-                             "--rounds=2"])
+                             "--rounds=2", f"--compare={compare}"])
   assert out["case"] == "student quickstart kd 50x4"
-  for name in ("XLA defaults", "conv.compiler_options()"):
+  assert out["compare"] == compare
+  for name in names:
     assert len(out[name]["steps_ms"]) == 2 and out[name]["median_ms"] > 0

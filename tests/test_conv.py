@@ -202,3 +202,144 @@ def test_cpu_compiler_options_fall_back_when_xla_lacks_them(monkeypatch):
     assert conv.compiler_options() is None
   finally:
     conv.compiler_options.cache_clear()
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("chunk_images", [1, 2, 100])
+def test_kernel_grads_by_matmul_sum_each_members_own_images(case,
+                                                            chunk_images):
+  b, h, c, d, k, s, p = case
+  members = 3
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(members, b, h, h, c)).astype(np.float32)
+  ho = (h + 2 * p - k) // s + 1
+  g = rng.normal(size=(members, b, ho, ho, d)).astype(np.float32)
+  got = conv.kernel_grads_by_matmul(jnp.asarray(x), jnp.asarray(g), k, s, p,
+                                    chunk_bytes=chunk_images * h * h * c * 4)
+  assert got.shape == (members, k, k, c, d)
+  for m in range(members):
+    np.testing.assert_allclose(got[m], _numpy_kernel_grad(x[m], g[m], k, s,
+                                                          p),
+                               rtol=1e-5, atol=1e-4)
+
+
+def _member_loop_batch_ensemble(x, w, r, s, stride, padding):
+  """((x_m * r_m) conv W) * s_m, one member at a time."""
+  return jnp.stack([
+      _xla_conv(x[m] * r[m], w, stride, padding) * s[m]
+      for m in range(x.shape[0])])
+
+
+def _batch_ensemble_inputs(rng, members, case, dtype=jnp.float32):
+  b, h, c, d, k, _, _ = case
+  return (jnp.asarray(rng.normal(size=(members, b, h, h, c)), dtype),
+          jnp.asarray(rng.normal(size=(k, k, c, d)) / k, jnp.float32),
+          jnp.asarray(1 + 0.5 * rng.normal(size=(members, c)), jnp.float32),
+          jnp.asarray(1 + 0.5 * rng.normal(size=(members, d)), jnp.float32))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("how", ["matmul", "xla"])
+@pytest.mark.parametrize("image_major", [False, True])
+def test_batch_ensemble_conv2d_and_its_gradients_are_the_member_loops(
+    case, how, image_major):
+  """'matmul': the fast weights' gradients from per-member kernel
+  gradients; 'xla': autodiff's operations, written out."""
+  _, _, _, _, _, s, p = case
+  rng = np.random.default_rng(4)
+  args = _batch_ensemble_inputs(rng, 3, case)
+
+  def loss(f):
+    return lambda *a: jnp.sum(jnp.sin(f(*a)))
+
+  def ours(x, w, r, s_):
+    return conv.batch_ensemble_conv2d(x, w, r, s_, s, p, jnp.float32,
+                                      image_major)
+
+  def ref(x, w, r, s_):
+    return _member_loop_batch_ensemble(x, w, r, s_, s, p)
+
+  np.testing.assert_allclose(ours(*args), ref(*args), rtol=1e-5, atol=1e-5)
+  with conv.cpu_kernel_grad(how):
+    got = jax.jit(jax.grad(loss(ours), (0, 1, 2, 3)))(*args)
+  want = jax.grad(loss(ref), (0, 1, 2, 3))(*args)
+  for a, b in zip(got, want):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-4,
+                               atol=1e-4 * max(float(jnp.abs(b).max()), 1))
+
+
+@pytest.mark.parametrize("how", ["matmul", "xla"])
+def test_batch_ensemble_conv2d_in_bfloat16(how):
+  """Within bfloat16 rounding of the float32 member loop on the same
+  (rounded) images; the gradients come back in their inputs' dtypes."""
+  case = CASES[1]
+  _, _, _, _, _, s, p = case
+  rng = np.random.default_rng(5)
+  x, w, r, s_ = _batch_ensemble_inputs(rng, 2, case, jnp.bfloat16)
+
+  def loss(x, w, r, s_):
+    y = conv.batch_ensemble_conv2d(x, w, r, s_, s, p, jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16
+    return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+  with conv.cpu_kernel_grad(how):
+    got = jax.jit(jax.grad(loss, (0, 1, 2, 3)))(x, w, r, s_)
+  want = jax.grad(
+      lambda *a: jnp.sum(jnp.sin(_member_loop_batch_ensemble(*a, s, p))),
+      (0, 1, 2, 3))(x.astype(jnp.float32), w, r, s_)
+  for a, b in zip(got, want):
+    assert a.dtype == (jnp.bfloat16 if a.shape == x.shape else jnp.float32)
+    scale = 3e-2 * max(float(jnp.abs(b).max()), 1.0)
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=3e-2,
+                               atol=scale)
+
+
+def test_batch_ensemble_gradients_take_member_kernel_grads_on_cpu_only():
+  # 1 MiB of input: 'auto' takes the per-member matrix products.
+  x = jnp.ones((4, 8, 32, 32, 8))
+  assert x.nbytes == conv.MATMUL_MIN_BYTES
+  w, r, s = jnp.ones((3, 3, 8, 5)), jnp.ones((4, 8)), jnp.ones((4, 5))
+
+  def loss(x, w, r, s):
+    return jnp.sin(conv.batch_ensemble_conv2d(x, w, r, s, 1, 1,
+                                              jnp.float32)).sum()
+
+  def compiled(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+  weights = jax.grad(loss, (1, 2, 3))
+  # On CPU: the forward convolution and the chunk loop; neither r's
+  # activation-sized input gradient nor XLA's kernel gradient.
+  text = compiled(weights, x, w, r, s)
+  assert text.count(" convolution(") == 1 and text.count(" while(") == 1
+  # The images' gradient alone (a perturbation step) builds no loop.
+  text = compiled(jax.grad(loss), x, w, r, s)
+  assert text.count(" convolution(") == 2 and " while(" not in text
+  # Smaller inputs keep autodiff's operations: three convolutions.
+  text = compiled(weights, x[:, :7], w, r, s)
+  assert text.count(" convolution(") == 3 and " while(" not in text
+  for platform in ("cuda", "tpu"):
+    text = _hlo(weights, x, w, r, s, platform=platform)
+    assert "while" not in text
+    assert text.count("stablehlo.convolution") == 3
+
+
+def test_batch_ensemble_conv2d_on_a_batch_split_over_devices():
+  mesh = parallel.make_mesh(2)
+  case = (4, 8, 4, 6, 3, 2, 1)
+  rng = np.random.default_rng(6)
+  x, w, r, s = _batch_ensemble_inputs(rng, 2, case)
+
+  def loss(x, w, r, s):
+    y = conv.batch_ensemble_conv2d(x, w, r, s, 2, 1, jnp.float32, True)
+    return jnp.sum(jnp.tanh(y))
+
+  xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec(None, "data")))
+  with conv.cpu_kernel_grad("matmul"):
+    got = jax.jit(jax.grad(loss, (0, 1, 2, 3)))(xs, w, r, s)
+  want = jax.grad(
+      lambda *a: jnp.sum(jnp.tanh(_member_loop_batch_ensemble(*a, 2, 1))),
+      (0, 1, 2, 3))(x, w, r, s)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

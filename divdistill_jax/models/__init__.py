@@ -82,7 +82,7 @@ def get_model(
       convolutions' outputs); `resnet.REMAT_POLICIES`.
     image_major: BatchEnsemble only: merge the member copies of the batch
       image-major in the convolutions (needed when the image axis is split
-      over devices; `layers.conv2d`).
+      over devices; `conv.merge_members`).
 
   Returns:
     A Linen module called as `model.apply(variables, x, train=...)`.

@@ -105,49 +105,69 @@ def num_chunks(images: int, bytes_per_image: int,
   return next(n for n in range(want, images + 1) if images % n == 0)
 
 
-def kernel_grad_by_matmul(x: jax.Array, g: jax.Array, kernel_size: int,
-                          strides: int, padding: int,
-                          chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
-  """The kernel gradient of `_conv` as k * k matrix products per chunk.
+def kernel_grads_by_matmul(x: jax.Array, g: jax.Array, kernel_size: int,
+                           strides: int, padding: int,
+                           chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+  """Per-member kernel gradients of `_conv` as k * k matrix products.
 
-  Chunk j holds images j, j + n, j + 2n, ... (n chunks): when the image axis
-  is split over devices every device keeps its own images in every chunk.
+  Member m's gradient sums over its own images only. Each loop step takes
+  one chunk of one member: chunk j of member m holds its images j, j + n,
+  j + 2n, ... (n chunks per member), so when the image axis is split over
+  devices every device keeps its own images in every chunk.
 
   Args:
-    x: the convolution's input [N, H, W, C].
-    g: the gradient of its output [N, H', W', D].
+    x: the convolution's input [M, B, H, W, C].
+    g: the gradient of its output [M, B, H', W', D].
     kernel_size: k (square kernels).
     strides: s.
     padding: symmetric zero padding p.
     chunk_bytes: input bytes per chunk.
 
   Returns:
-    dL/dW [k, k, C, D] in float32.
+    dL/dW of each member's images [M, k, k, C, D] in float32.
   """
-  b, h, w, c = x.shape
-  _, ho, wo, d = g.shape
+  m, b, h, w, c = x.shape
+  _, _, ho, wo, d = g.shape
   k, s, p = kernel_size, strides, padding
   n = num_chunks(b, h * w * c * x.dtype.itemsize, chunk_bytes)
 
-  def chunk(j, acc):
+  def chunk(step, acc):
+    member, j = (0, step) if m == 1 else (step // n, step % n)
     # Reshaped inside the loop: outside it the reshape is a fusible
     # consumer of x, and XLA:CPU then computes x (a BatchEnsemble input
     # x * r and the chain before it) a second time in the chunk layout
     # (bytes accessed by a ResNet-32 KD step, XLA's cost model: 31.5 ->
     # 29.3 GB; its time did not change beyond the VM's spread).
-    xs = x.reshape(b // n, n, h, w, c)
-    gs = g.reshape(b // n, n, ho, wo, d)
-    xc = jax.lax.dynamic_index_in_dim(xs, j, axis=1, keepdims=False)
-    gc = jax.lax.dynamic_index_in_dim(gs, j, axis=1, keepdims=False)
-    xp = jnp.pad(xc, ((0, 0), (p, p), (p, p), (0, 0)))
+    xc = jax.lax.dynamic_slice(x.reshape(m, b // n, n, h, w, c),
+                               (member, 0, j, 0, 0, 0),
+                               (1, b // n, 1, h, w, c))
+    gc = jax.lax.dynamic_slice(g.reshape(m, b // n, n, ho, wo, d),
+                               (member, 0, j, 0, 0, 0),
+                               (1, b // n, 1, ho, wo, d))
+    xp = jnp.pad(xc.reshape(b // n, h, w, c),
+                 ((0, 0), (p, p), (p, p), (0, 0)))
     gm = gc.reshape(-1, d)
     taps = [xp[:, i:i + s * (ho - 1) + 1:s, t:t + s * (wo - 1) + 1:s, :]
             for i in range(k) for t in range(k)]
     prods = [jnp.dot(tap.reshape(-1, c).T, gm,
                      preferred_element_type=jnp.float32) for tap in taps]
-    return acc + jnp.stack(prods).reshape(k, k, c, d)
+    start = (member, 0, 0, 0, 0)
+    total = (jax.lax.dynamic_slice(acc, start, (1, k, k, c, d))
+             + jnp.stack(prods).reshape(1, k, k, c, d))
+    return jax.lax.dynamic_update_slice(acc, total, start)
 
-  return jax.lax.fori_loop(0, n, chunk, jnp.zeros((k, k, c, d), jnp.float32))
+  return jax.lax.fori_loop(0, m * n, chunk,
+                           jnp.zeros((m, k, k, c, d), jnp.float32))
+
+
+def kernel_grad_by_matmul(x: jax.Array, g: jax.Array, kernel_size: int,
+                          strides: int, padding: int,
+                          chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+  """The kernel gradient of `_conv` over all images [N, H, W, C] of `x`
+  (gradient `g` [N, H', W', D]): `kernel_grads_by_matmul` of one member,
+  [k, k, C, D] in float32."""
+  return kernel_grads_by_matmul(x[None], g[None], kernel_size, strides,
+                                padding, chunk_bytes)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -207,3 +227,149 @@ def _conv2d_bwd(strides, padding, res, g):
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd, symbolic_zeros=True)
+
+
+def merge_members(x: jax.Array, image_major: bool) -> jax.Array:
+  """[..., B, H, W, C] -> [N, H, W, C], one batch for one convolution.
+
+  With `image_major` (two leading axes [M, B]), the members' copies are
+  merged as [B * M]: when the image axis B is split over devices only a
+  merge that keeps it major keeps each device's images on it (a
+  member-major [M * B] merge is not a tiling of the devices' shares, and
+  XLA gathers the whole batch onto every device). On one device the
+  member-major merge is faster on a CPU (experiments/BENCHMARKS.md), so it
+  is the default there.
+  """
+  if image_major and x.ndim == 5:
+    x = jnp.swapaxes(x, 0, 1)
+  return x.reshape((-1, *x.shape[-3:]))
+
+
+def split_members(y: jax.Array, lead: tuple[int, ...],
+                  image_major: bool) -> jax.Array:
+  """The inverse of `merge_members` for the output [N, H', W', D]."""
+  if image_major and len(lead) == 2:
+    return jnp.swapaxes(y.reshape((lead[1], lead[0], *y.shape[1:])), 0, 1)
+  return y.reshape((*lead, *y.shape[1:]))
+
+
+def _members_conv(x, kernel, strides, padding, dtype, image_major):
+  """`_conv` of [M, B, H, W, C] in `dtype`, the members merged."""
+  y = _conv(merge_members(x, image_major).astype(dtype),
+            kernel.astype(dtype), strides, padding)
+  return split_members(y, x.shape[:2], image_major)
+
+
+def _per_member(v: jax.Array) -> jax.Array:
+  """[M, F] -> [M, 1, 1, 1, F], to scale [M, B, H, W, F]."""
+  return v[:, None, None, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def batch_ensemble_conv2d(x: jax.Array, kernel: jax.Array, r: jax.Array,
+                          s: jax.Array, strides: int, padding: int,
+                          dtype, image_major: bool = False) -> jax.Array:
+  """BatchEnsemble convolution ((x * r_m) conv W) * s_m of every member m.
+
+  Its gradient is written out. Autodiff takes the fast weights' gradients
+  from two activation-sized products per convolution, sum(x * dL/d(x r_m))
+  for r and sum(g * ((x r_m) conv W)) for s. All three weight gradients
+  are linear in the per-member kernel gradient K_m = sum over member m's
+  images of the input tap times g (the kernel gradient of the unscaled
+  convolution x conv W, member by member):
+
+    dW = sum_m r_m s_m K_m
+    dr_m[c] = sum_{i, j, d} W[i, j, c, d] s_m[d] K_m[i, j, c, d]
+    ds_m[d] = sum_{i, j, c} W[i, j, c, d] r_m[c] K_m[i, j, c, d]
+
+  On a CPU, where the kernel gradient is ours (`kernel_grads_by_matmul`;
+  see `conv2d`), they are computed that way: kernel-sized sums instead of
+  activation-sized ones (experiments/BENCHMARKS.md, "CPU step"). On other
+  platforms, and on a CPU where XLA's kernel gradient is used, the
+  gradient is autodiff's, written out: the same operations.
+
+  Args:
+    x: [M, B, H, W, C], any float dtype (cast to `dtype` after x * r).
+    kernel: [k, k, C, D] float32.
+    r: [M, C] float32.
+    s: [M, D] float32.
+    strides: s.
+    padding: p on each side of H and W.
+    dtype: the convolution's dtype.
+    image_major: merge the members' copies image-major (`merge_members`).
+
+  Returns:
+    [M, B, H', W', D] in `dtype`.
+  """
+  return _batch_ensemble_forward(x, kernel, r, s, strides, padding, dtype,
+                                 image_major)[0]
+
+
+def _batch_ensemble_forward(x, kernel, r, s, strides, padding, dtype,
+                            image_major):
+  y0 = _members_conv(x * _per_member(r).astype(x.dtype), kernel, strides,
+                     padding, dtype, image_major)
+  return y0 * _per_member(s).astype(dtype), y0
+
+
+def _batch_ensemble_fwd(x, kernel, r, s, strides, padding, dtype,
+                        image_major):
+  need = tuple(v.perturbed for v in (x, kernel, r, s))
+  x, kernel, r, s = x.value, kernel.value, r.value, s.value
+  y, y0 = _batch_ensemble_forward(x, kernel, r, s, strides, padding, dtype,
+                                  image_major)
+  return y, (x, kernel, r, s, y0, need)
+
+
+def _batch_ensemble_bwd(strides, padding, dtype, image_major, res, g):
+  x, kernel, r, s, y0, (need_x, need_w, need_r, need_s) = res
+  if type(g) is jax.custom_derivatives.SymbolicZero:  # pylint: disable=unidiomatic-typecheck
+    return None, None, None, None
+  rx = _per_member(r).astype(x.dtype)
+  g_y0 = g * _per_member(s).astype(dtype)
+
+  def input_grad():
+    """dL/d(x r_m) in x.dtype."""
+    return _transpose(lambda v: _members_conv(v, kernel, strides, padding,
+                                              dtype, image_major),
+                      x, g_y0)
+
+  def from_member_grads(x, g, g_y0, y0):
+    del g_y0, y0
+    grads = kernel_grads_by_matmul(x.astype(dtype), g, kernel.shape[0],
+                                   strides, padding)
+    # The values the forward pass multiplied by.
+    w32, r32, s32 = (v.astype(t).astype(jnp.float32) for v, t in
+                     ((kernel, dtype), (r, x.dtype), (s, dtype)))
+    return (input_grad() * rx if need_x else None,
+            jnp.einsum("mijcd,mc,md->ijcd", grads, r32, s32) if need_w
+            else None,
+            jnp.einsum("mijcd,ijcd,md->mc", grads, w32, s32) if need_r
+            else None,
+            jnp.einsum("mijcd,ijcd,mc->md", grads, w32, r32) if need_s
+            else None)
+
+  def autodiff(x, g, g_y0, y0):
+    x_scaled = x * rx
+    dx_scaled = input_grad() if need_x or need_r else None
+    return (
+        dx_scaled * rx if need_x else None,
+        _transpose(lambda w: _members_conv(x_scaled, w, strides, padding,
+                                           dtype, image_major),
+                   kernel, g_y0) if need_w else None,
+        (dx_scaled * x).sum((1, 2, 3)).astype(jnp.float32) if need_r
+        else None,
+        (g * y0).sum((1, 2, 3)).astype(jnp.float32) if need_s else None)
+
+  if not (need_w or need_r or need_s):
+    return (input_grad() * rx if need_x else None), None, None, None
+  how = _CPU_KERNEL_GRAD[0]
+  if how == "xla" or (how == "auto" and x.size * jnp.dtype(dtype).itemsize
+                      < MATMUL_MIN_BYTES):
+    return autodiff(x, g, g_y0, y0)
+  return jax.lax.platform_dependent(x, g, g_y0, y0, cpu=from_member_grads,
+                                    default=autodiff)
+
+
+batch_ensemble_conv2d.defvjp(_batch_ensemble_fwd, _batch_ensemble_bwd,
+                             symbolic_zeros=True)

@@ -69,26 +69,11 @@ def normal_around_one(std: float):
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
-           dtype: Dtype, image_major: bool = False) -> jax.Array:
-  """NHWC conv with symmetric zero padding over any leading batch axes.
-
-  With `image_major`, members' copies [M, B, ...] are merged as [B * M, ...]:
-  when the image axis B is split over devices only a merge that keeps it
-  major keeps each device's images on it (a member-major [M * B] merge is
-  not a tiling of the devices' shares, and XLA gathers the whole batch onto
-  every device). On one device the member-major merge is faster on a CPU
-  (experiments/BENCHMARKS.md), so it is the default there.
-  """
-  lead = x.shape[:-3]
-  image_major = image_major and len(lead) == 2
-  if image_major:
-    flat = jnp.swapaxes(x, 0, 1).reshape((-1, *x.shape[-3:])).astype(dtype)
-  else:
-    flat = x.reshape((-1, *x.shape[-3:])).astype(dtype)
-  y = conv.conv2d(flat, kernel.astype(dtype), strides, padding)
-  if image_major:
-    return jnp.swapaxes(y.reshape((lead[1], lead[0], *y.shape[1:])), 0, 1)
-  return y.reshape((*lead, *y.shape[1:]))
+           dtype: Dtype) -> jax.Array:
+  """NHWC conv with symmetric zero padding over any leading batch axes."""
+  y = conv.conv2d(conv.merge_members(x, False).astype(dtype),
+                  kernel.astype(dtype), strides, padding)
+  return conv.split_members(y, x.shape[:-3], False)
 
 
 class Conv(nn.Module):
@@ -161,10 +146,9 @@ class BatchEnsembleConv(nn.Module):
     init = normal_around_one(self.fast_init_std)
     r = self.param("fast_r", init, (m, c_in), jnp.float32)
     s = self.param("fast_s", init, (m, self.features), jnp.float32)
-    x = x * r[:, None, None, None, :].astype(x.dtype)
-    y = conv2d(x, kernel, self.strides, (k - 1) // 2, self.dtype,
-               self.image_major)
-    return y * s[:, None, None, None, :].astype(self.dtype)
+    return conv.batch_ensemble_conv2d(x, kernel, r, s, self.strides,
+                                      (k - 1) // 2, self.dtype,
+                                      self.image_major)
 
 
 BIAS_MODES = ("member", "shared_before_s")
