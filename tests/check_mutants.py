@@ -194,8 +194,12 @@ MUTANTS = {
         "for t in range(k) for i in range(k)", "tests/test_conv.py"),
     "kernel gradient keeps only the last chunk": _one(
         "divdistill_jax/models/conv.py", "kernel_grads_by_matmul",
-        "total = (jax.lax.dynamic_slice(acc,",
-        "total = (0 * jax.lax.dynamic_slice(acc,", "tests/test_conv.py"),
+        "return acc + update", "return 0 * acc + update",
+        "tests/test_conv.py"),
+    "per-member kernel gradients keep only the last chunk": _one(
+        "divdistill_jax/models/conv.py", "kernel_grads_by_matmul",
+        "total = jax.lax.dynamic_slice(acc,",
+        "total = 0 * jax.lax.dynamic_slice(acc,", "tests/test_conv.py"),
     "kernel gradients: every member's chunks summed into the first's": _one(
         "divdistill_jax/models/conv.py", "kernel_grads_by_matmul",
         "start = (member, 0, 0, 0, 0)", "start = (0, 0, 0, 0, 0)",

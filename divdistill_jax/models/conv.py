@@ -156,9 +156,11 @@ def kernel_grads_by_matmul(x: jax.Array, g: jax.Array, kernel_size: int,
             for i in range(k) for t in range(k)]
     prods = [jnp.dot(tap.reshape(-1, c).T, gm,
                      preferred_element_type=jnp.float32) for tap in taps]
+    update = jnp.stack(prods).reshape(1, k, k, c, d)
+    if m == 1:
+      return acc + update
     start = (member, 0, 0, 0, 0)
-    total = (jax.lax.dynamic_slice(acc, start, (1, k, k, c, d))
-             + jnp.stack(prods).reshape(1, k, k, c, d))
+    total = jax.lax.dynamic_slice(acc, start, (1, k, k, c, d)) + update
     return jax.lax.dynamic_update_slice(acc, total, start)
 
   return jax.lax.fori_loop(0, m * n, chunk,
