@@ -93,6 +93,14 @@ def cpu_kernel_grad(how: str):
     _CPU_KERNEL_GRAD[0] = before
 
 
+def _xla_kernel_grad(input_bytes: int) -> bool:
+  """Whether a convolution with `input_bytes` of input keeps XLA's kernel
+  gradient on every platform, as `cpu_kernel_grad` and MATMUL_MIN_BYTES
+  say (read when the step is traced)."""
+  how = _CPU_KERNEL_GRAD[0]
+  return how == "xla" or (how == "auto" and input_bytes < MATMUL_MIN_BYTES)
+
+
 def _conv(x: jax.Array, kernel: jax.Array, strides: int,
           padding: int) -> jax.Array:
   return jax.lax.conv_general_dilated(
@@ -137,6 +145,8 @@ def kernel_grads_by_matmul(x: jax.Array, g: jax.Array, kernel_size: int,
   n = num_chunks(b, h * w * c * x.dtype.itemsize, chunk_bytes)
 
   def chunk(step, acc):
+    # One member (a plain convolution's gradient) keeps the plain loop:
+    # no member index, no per-member slice of the sum.
     member, j = (0, step) if m == 1 else (step // n, step % n)
     # Reshaped inside the loop: outside it the reshape is a fusible
     # consumer of x, and XLA:CPU then computes x (a BatchEnsemble input
@@ -225,9 +235,7 @@ def _conv2d_bwd(strides, padding, res, g):
     return kernel_grad_by_matmul(x, g, kernel.shape[0], strides,
                                  padding).astype(kernel.dtype)
 
-  how = _CPU_KERNEL_GRAD[0]
-  if how == "xla" or (how == "auto"
-                      and x.size * x.dtype.itemsize < MATMUL_MIN_BYTES):
+  if _xla_kernel_grad(x.size * x.dtype.itemsize):
     return dx, native(x, g)
   dw = jax.lax.platform_dependent(x, g, cpu=by_matmul, default=native)
   return dx, dw
@@ -369,9 +377,7 @@ def _batch_ensemble_bwd(strides, padding, dtype, image_major, res, g):
 
   if not (need_w or need_r or need_s):
     return (input_grad() * rx if need_x else None), None, None, None
-  how = _CPU_KERNEL_GRAD[0]
-  if how == "xla" or (how == "auto" and x.size * jnp.dtype(dtype).itemsize
-                      < MATMUL_MIN_BYTES):
+  if _xla_kernel_grad(x.size * jnp.dtype(dtype).itemsize):
     return autodiff()
   return jax.lax.platform_dependent(cpu=from_member_grads, default=autodiff)
 
