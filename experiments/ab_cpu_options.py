@@ -14,9 +14,16 @@ hypervisor's steal ticks over the run (`/proc/stat`). `--compare`:
   fast-weight gradients: activation-sized products), against
   `conv.batch_ensemble_conv2d` (the fast weights' gradients from
   per-member kernel gradients on a CPU).
+- `kernel_grad_products`: each chunk of a stride-1 kernel gradient as
+  k * k tap products (`conv._tap_products`, as before) against one product
+  of shifted copies (`conv._shift_products`).
+
+`--reverse` builds and runs the variants in the other order: which one
+runs first in a round can favour it on these VMs, so compare both orders.
 
   python experiments/ab_cpu_options.py --method=kd --rounds=6
   python experiments/ab_cpu_options.py --compare=fast_weight_grads
+  python experiments/ab_cpu_options.py --compare=kernel_grad_products --reverse
 
 Results: BENCHMARKS.md, "CPU step".
 """
@@ -60,6 +67,12 @@ def _variants(compare: str) -> dict:
     return {"XLA defaults": lambda: mock.patch.object(
                 conv, "compiler_options", lambda: None),
             "conv.compiler_options()": contextlib.nullcontext}
+  if compare == "kernel_grad_products":
+    # conv.kernel_grads_by_matmul calls it when the step is traced.
+    return {"k * k tap products": lambda: mock.patch.object(
+                conv, "_shift_products",
+                lambda xc, gc, k, p: conv._tap_products(xc, gc, k, 1, p)),
+            "one product of shifted copies": contextlib.nullcontext}
   # The layers call conv.batch_ensemble_conv2d when the step is traced.
   return {"autodiff of x r, conv, y s": lambda: mock.patch.object(
               conv, "batch_ensemble_conv2d",
@@ -74,7 +87,10 @@ def main(argv=None) -> dict:
                       choices=("resnet32", "quickstart"))
   parser.add_argument("--rounds", type=int, default=6)
   parser.add_argument("--compare", default="compiler_options",
-                      choices=("compiler_options", "fast_weight_grads"))
+                      choices=("compiler_options", "fast_weight_grads",
+                               "kernel_grad_products"))
+  parser.add_argument("--reverse", action="store_true",
+                      help="build and run the variants in the other order")
   args = parser.parse_args(argv)
   # pylint: disable=g-import-not-at-top
   import jax
@@ -85,7 +101,8 @@ def main(argv=None) -> dict:
               and c.name.startswith(f"student {args.net} {args.method} "))
   key = jax.random.key(0)
   builds, states, times = {}, {}, {}
-  for name, context in _variants(args.compare).items():
+  variants = list(_variants(args.compare).items())
+  for name, context in (variants[::-1] if args.reverse else variants):
     with context():
       task, images, labels = builds[name] = benchmark.build(case)
       states[name], _ = task.train_step(task.state, images, labels,

@@ -189,9 +189,20 @@ MUTANTS = {
              "return y.reshape((*lead, *y.shape[1:]))"),
     ), ("tests/test_export.py::test_the_student_step_is_data_parallel",)),
     "kernel gradient taps in the wrong order": _one(
-        "divdistill_jax/models/conv.py", "kernel_grads_by_matmul",
+        "divdistill_jax/models/conv.py", "_tap_products",
         "for i in range(k) for t in range(k)",
         "for t in range(k) for i in range(k)", "tests/test_conv.py"),
+    "stride-1 kernel gradient: the gradient's rows shifted the wrong way":
+        _one("divdistill_jax/models/conv.py", "_shift_products",
+             "gp[:, k - 1 - i:k - 1 - i + hp]", "gp[:, i:i + hp]",
+             "tests/test_conv.py"),
+    "stride-1 kernel gradient: row and column taps swapped": _one(
+        "divdistill_jax/models/conv.py", "_shift_products",
+        "(2, 0, 1, 3)", "(0, 2, 1, 3)", "tests/test_conv.py"),
+    "stride-1 kernel gradient: padded height from the width": _one(
+        "divdistill_jax/models/conv.py", "_shift_products",
+        "hp, wo = xc.shape[1] + 2 * p, gc.shape[2]",
+        "hp, wo = xc.shape[2] + 2 * p, gc.shape[2]", "tests/test_conv.py"),
     "kernel gradient keeps only the last chunk": _one(
         "divdistill_jax/models/conv.py", "kernel_grads_by_matmul",
         "return acc + update", "return 0 * acc + update",

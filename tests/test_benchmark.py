@@ -65,15 +65,20 @@ def test_summary_pairs_rows_that_differ_in_one_field():
   ]
 
 
-@pytest.mark.parametrize("compare,names", [
-    ("compiler_options", ("XLA defaults", "conv.compiler_options()")),
+@pytest.mark.parametrize("compare,names,reverse", [
+    ("compiler_options", ("XLA defaults", "conv.compiler_options()"), False),
     ("fast_weight_grads", ("autodiff of x r, conv, y s",
-                           "conv.batch_ensemble_conv2d"))])
-def test_ab_cpu_options_alternates_both_variants(compare, names):
+                           "conv.batch_ensemble_conv2d"), False),
+    ("kernel_grad_products", ("k * k tap products",
+                              "one product of shifted copies"), True)])
+def test_ab_cpu_options_alternates_both_variants(compare, names, reverse):
   import ab_cpu_options  # pylint: disable=g-import-not-at-top
   out = ab_cpu_options.main(["--net=quickstart", "--method=kd",
-                             "--rounds=2", f"--compare={compare}"])
+                             "--rounds=2", f"--compare={compare}"]
+                            + ["--reverse"] * reverse)
   assert out["case"] == "student quickstart kd 50x4"
   assert out["compare"] == compare
+  ran = [name for name in out if isinstance(out[name], dict)]
+  assert ran == list(names[::-1] if reverse else names)
   for name in names:
     assert len(out[name]["steps_ms"]) == 2 and out[name]["median_ms"] > 0

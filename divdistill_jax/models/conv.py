@@ -8,12 +8,12 @@ library kernels are not made for that shape: at the CIFAR shapes it runs at
 
   dW[i, j, c, d] = sum_{n, h, w} x_pad[n, s h + i, s w + j, c] g[n, h, w, d],
 
-is k * k matrix products [C, N H W] x [N H W, D], one per kernel tap. On CPU
-`conv2d` computes it that way (for inputs of MATMUL_MIN_BYTES or more),
-streamed over chunks of images small enough to stay in cache; on every
-other platform, and for the forward pass and the input gradient
-everywhere, it is XLA's own convolution. Only the order of the float
-additions differs (tests/test_conv.py).
+is matrix products over chunks of images small enough to stay in cache
+(`kernel_grads_by_matmul`). On CPU `conv2d` computes it that way (for
+inputs of MATMUL_MIN_BYTES or more); on every other platform, and for the
+forward pass and the input gradient everywhere, it is XLA's own
+convolution. Only the order of the float additions differs
+(tests/test_conv.py).
 
 `batch_ensemble_conv2d` is the BatchEnsemble convolution with its gradient
 written out: on a CPU the fast weights' gradients come from per-member
@@ -118,15 +118,78 @@ def num_chunks(images: int, bytes_per_image: int,
   return next(n for n in range(want, images + 1) if images % n == 0)
 
 
+def _tap_products(xc: jax.Array, gc: jax.Array, k: int, s: int,
+                  p: int) -> jax.Array:
+  """A chunk's kernel gradient as k * k products [C, R] x [R, D], one per
+  kernel tap (R = images x output pixels): any stride.
+
+  Args:
+    xc: the chunk's input [N, H, W, C].
+    gc: its output gradient [N, H', W', D].
+    k, s, p: kernel size, stride, padding.
+
+  Returns:
+    [k, k, C, D] in float32.
+  """
+  c, d = xc.shape[-1], gc.shape[-1]
+  _, ho, wo, _ = gc.shape
+  xp = jnp.pad(xc, ((0, 0), (p, p), (p, p), (0, 0)))
+  gm = gc.reshape(-1, d)
+  taps = [xp[:, i:i + s * (ho - 1) + 1:s, t:t + s * (wo - 1) + 1:s, :]
+          for i in range(k) for t in range(k)]
+  prods = [jnp.dot(tap.reshape(-1, c).T, gm,
+                   preferred_element_type=jnp.float32) for tap in taps]
+  return jnp.stack(prods).reshape(k, k, c, d)
+
+
+def _shift_products(xc: jax.Array, gc: jax.Array, k: int,
+                    p: int) -> jax.Array:
+  """A chunk's kernel gradient of a stride-1 convolution as one product.
+
+  With the padded rows r = h + i,
+
+    dW[i, t, c, d] = sum_{n, r, w} x_pad[n, r, w + t, c] g[n, r - i, w, d]
+
+  (g zero outside its rows): the column shifts t go on the input, k
+  copies side by side X[n, r, w, (t, c)], and the row shifts i on the
+  gradient, G[n, r, w, (i, d)]. One product X^T G [k C, k D] holds every
+  tap in its (t, i) blocks. That is 2 k copies of the chunk instead of
+  k * k tap copies, and a product k times wider on each side, a shape
+  XLA:CPU's matrix products run two to four times faster at
+  (experiments/BENCHMARKS.md, "CPU step").
+
+  Args:
+    xc: the chunk's input [N, H, W, C].
+    gc: its output gradient [N, H', W', D], H' = H + 2p - k + 1.
+    k, p: kernel size and padding.
+
+  Returns:
+    [k, k, C, D] in float32.
+  """
+  c, d = xc.shape[-1], gc.shape[-1]
+  hp, wo = xc.shape[1] + 2 * p, gc.shape[2]
+  xp = jnp.pad(xc, ((0, 0), (p, p), (p, p), (0, 0)))
+  cols = jnp.concatenate([xp[:, :, t:t + wo] for t in range(k)], axis=-1)
+  gp = jnp.pad(gc, ((0, 0), (k - 1, k - 1), (0, 0), (0, 0)))
+  rows = jnp.concatenate([gp[:, k - 1 - i:k - 1 - i + hp] for i in range(k)],
+                         axis=-1)
+  prod = jax.lax.dot_general(cols.reshape(-1, k * c), rows.reshape(-1, k * d),
+                             (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+  # [(t, c), (i, d)] -> [i, t, c, d].
+  return jnp.transpose(prod.reshape(k, c, k, d), (2, 0, 1, 3))
+
+
 def kernel_grads_by_matmul(x: jax.Array, g: jax.Array, kernel_size: int,
                            strides: int, padding: int,
                            chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
-  """Per-member kernel gradients of `_conv` as k * k matrix products.
+  """Per-member kernel gradients of `_conv` as matrix products.
 
   Member m's gradient sums over its own images only. Each loop step takes
   one chunk of one member: chunk j of member m holds its images j, j + n,
   j + 2n, ... (n chunks per member), so when the image axis is split over
-  devices every device keeps its own images in every chunk.
+  devices every device keeps its own images in every chunk. A chunk's sum
+  is `_shift_products` for stride 1, `_tap_products` otherwise.
 
   Args:
     x: the convolution's input [M, B, H, W, C].
@@ -159,14 +222,11 @@ def kernel_grads_by_matmul(x: jax.Array, g: jax.Array, kernel_size: int,
     gc = jax.lax.dynamic_slice(g.reshape(m, b // n, n, ho, wo, d),
                                (member, 0, j, 0, 0, 0),
                                (1, b // n, 1, ho, wo, d))
-    xp = jnp.pad(xc.reshape(b // n, h, w, c),
-                 ((0, 0), (p, p), (p, p), (0, 0)))
-    gm = gc.reshape(-1, d)
-    taps = [xp[:, i:i + s * (ho - 1) + 1:s, t:t + s * (wo - 1) + 1:s, :]
-            for i in range(k) for t in range(k)]
-    prods = [jnp.dot(tap.reshape(-1, c).T, gm,
-                     preferred_element_type=jnp.float32) for tap in taps]
-    update = jnp.stack(prods).reshape(1, k, k, c, d)
+    xc, gc = xc.reshape(b // n, h, w, c), gc.reshape(b // n, ho, wo, d)
+    if s == 1:
+      update = _shift_products(xc, gc, k, p)[None]
+    else:
+      update = _tap_products(xc, gc, k, s, p)[None]
     if m == 1:
       return acc + update
     start = (member, 0, 0, 0, 0)
