@@ -1,5 +1,6 @@
 """Smoke test of experiments/benchmark.py (no timing assertions)."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -10,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 from divdistill_jax import data, flops, teachers
+from divdistill_jax.models import conv
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import benchmark  # noqa: E402
@@ -63,6 +65,34 @@ def test_summary_pairs_rows_that_differ_in_one_field():
       "- student confods (float32): 2 devices 300.0 ms vs 1 device 190.0 ms",
       "- t4 (float32): 90.0 ms vs 4 separate one-member steps 120.0 ms",
   ]
+
+
+def _step_and_args(case):
+  task, images, labels = benchmark.build(case)  # a teacher case: images [M, B]
+  return (task.step_fns[images.shape[1]], task.state, images, labels,
+          jax.random.key(0), *task.step_args)
+
+
+def test_the_rate_counts_model_flops_and_times_the_cases_gradient(
+    monkeypatch):
+  # FLOPs come from XLA's convolutions (what our CPU kernel gradient adds,
+  # products over padding rows, is not counted), but the timed step must
+  # still be the case's: a jitted step keeps the gradient it was first
+  # traced with.
+  calls = []
+  ours = conv.kernel_grads_by_matmul
+  monkeypatch.setattr(conv, "kernel_grads_by_matmul",
+                      lambda *a, **k: calls.append(1) or ours(*a, **k))
+  case = dataclasses.replace(benchmark.quick_cases(["float32"])[0],
+                             kernel_grad="matmul")
+  row = benchmark.measure(case, repeats=1, flops_only=False)
+  assert calls, "the timed step did not run the case's kernel gradient"
+  xla = benchmark.measure(dataclasses.replace(case, kernel_grad="xla"),
+                          repeats=1, flops_only=True)
+  assert row["gflop_per_step"] == xla["gflop_per_step"]
+  with conv.cpu_kernel_grad("matmul"):
+    ours_flops = flops.count(*_step_and_args(case))
+  assert ours_flops > row["gflop_per_step"] * 1e9  # the padding rows
 
 
 @pytest.mark.parametrize("compare,names,reverse", [
