@@ -14,9 +14,9 @@ hypervisor's steal ticks over the run (`/proc/stat`). `--compare`:
   fast-weight gradients: activation-sized products), against
   `conv.batch_ensemble_conv2d` (the fast weights' gradients from
   per-member kernel gradients on a CPU).
-- `kernel_grad_products`: each chunk of a stride-1 kernel gradient as
-  k * k tap products (`conv._tap_products`, as before) against one product
-  of shifted copies (`conv._shift_products`).
+- `kernel_grad_products`: each chunk of our CPU kernel gradient as k * k
+  tap products [C, R] x [R, D] (the formulation before) against one
+  product per row phase of shifted copies (`conv._chunk_kernel_grad`).
 
 `--reverse` builds and runs the variants in the other order: which one
 runs first in a round can favour it on these VMs, so compare both orders.
@@ -58,6 +58,20 @@ def _three_step_batch_ensemble_conv2d(x, kernel, r, s, strides, padding,
   return y * s[:, None, None, None, :].astype(dtype)
 
 
+def _tap_products(xc, gc, k, s, p):
+  """A chunk's kernel gradient as k * k products, one per kernel tap."""
+  # pylint: disable-next=g-import-not-at-top
+  import jax.numpy as jnp
+  c, d = xc.shape[-1], gc.shape[-1]
+  _, ho, wo, _ = gc.shape
+  xp = jnp.pad(xc, ((0, 0), (p, p), (p, p), (0, 0)))
+  taps = [xp[:, i:i + s * (ho - 1) + 1:s, t:t + s * (wo - 1) + 1:s, :]
+          for i in range(k) for t in range(k)]
+  return jnp.stack([jnp.dot(tap.reshape(-1, c).T, gc.reshape(-1, d),
+                            preferred_element_type=jnp.float32)
+                    for tap in taps]).reshape(k, k, c, d)
+
+
 def _variants(compare: str) -> dict:
   """{name: a context manager to build and trace that variant's step in}."""
   # pylint: disable-next=g-import-not-at-top
@@ -70,9 +84,9 @@ def _variants(compare: str) -> dict:
   if compare == "kernel_grad_products":
     # conv.kernel_grads_by_matmul calls it when the step is traced.
     return {"k * k tap products": lambda: mock.patch.object(
-                conv, "_shift_products",
-                lambda xc, gc, k, p: conv._tap_products(xc, gc, k, 1, p)),
-            "one product of shifted copies": contextlib.nullcontext}
+                conv, "_chunk_kernel_grad", _tap_products),
+            "shifted copies, one product per row phase":
+                contextlib.nullcontext}
   # The layers call conv.batch_ensemble_conv2d when the step is traced.
   return {"autodiff of x r, conv, y s": lambda: mock.patch.object(
               conv, "batch_ensemble_conv2d",

@@ -188,21 +188,26 @@ MUTANTS = {
              "*y.shape[1:])), 0, 1)",
              "return y.reshape((*lead, *y.shape[1:]))"),
     ), ("tests/test_export.py::test_the_student_step_is_data_parallel",)),
-    "kernel gradient taps in the wrong order": _one(
-        "divdistill_jax/models/conv.py", "_tap_products",
-        "for i in range(k) for t in range(k)",
-        "for t in range(k) for i in range(k)", "tests/test_conv.py"),
-    "stride-1 kernel gradient: the gradient's rows shifted the wrong way":
-        _one("divdistill_jax/models/conv.py", "_shift_products",
-             "gp[:, k - 1 - i:k - 1 - i + hp]", "gp[:, i:i + hp]",
-             "tests/test_conv.py"),
-    "stride-1 kernel gradient: row and column taps swapped": _one(
-        "divdistill_jax/models/conv.py", "_shift_products",
-        "(2, 0, 1, 3)", "(0, 2, 1, 3)", "tests/test_conv.py"),
-    "stride-1 kernel gradient: padded height from the width": _one(
-        "divdistill_jax/models/conv.py", "_shift_products",
-        "hp, wo = xc.shape[1] + 2 * p, gc.shape[2]",
-        "hp, wo = xc.shape[2] + 2 * p, gc.shape[2]", "tests/test_conv.py"),
+    "kernel gradient: a row tap's phase ignored": _one(
+        "divdistill_jax/models/conv.py", "_chunk_kernel_grad",
+        "taps[s * q + f] = prod[:, :, q]", "taps[q + f] = prod[:, :, q]",
+        "tests/test_conv.py"),
+    "kernel gradient: the gradient's rows shifted the wrong way": _one(
+        "divdistill_jax/models/conv.py", "_chunk_kernel_grad",
+        "gp[:, shifts - 1 - q:shifts - 1 - q + rows]", "gp[:, q:q + rows]",
+        "tests/test_conv.py"),
+    "kernel gradient: row and column taps swapped": _one(
+        "divdistill_jax/models/conv.py", "_chunk_kernel_grad",
+        "return jnp.stack(taps)", "return jnp.swapaxes(jnp.stack(taps), 0, 1)",
+        "tests/test_conv.py"),
+    "kernel gradient: column shifts without the stride": _one(
+        "divdistill_jax/models/conv.py", "_chunk_kernel_grad",
+        "xp[:, :, t:t + s * (wo - 1) + 1:s]", "xp[:, :, t:t + wo]",
+        "tests/test_conv.py"),
+    "kernel gradient: a phase's rows without the stride": _one(
+        "divdistill_jax/models/conv.py", "_chunk_kernel_grad",
+        "cols[:, f:f + s * (rows - 1) + 1:s]", "cols[:, f:f + rows]",
+        "tests/test_conv.py"),
     "kernel gradient keeps only the last chunk": _one(
         "divdistill_jax/models/conv.py", "kernel_grads_by_matmul",
         "return acc + update", "return 0 * acc + update",

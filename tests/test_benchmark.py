@@ -99,8 +99,9 @@ def test_the_rate_counts_model_flops_and_times_the_cases_gradient(
     ("compiler_options", ("XLA defaults", "conv.compiler_options()"), False),
     ("fast_weight_grads", ("autodiff of x r, conv, y s",
                            "conv.batch_ensemble_conv2d"), False),
-    ("kernel_grad_products", ("k * k tap products",
-                              "one product of shifted copies"), True)])
+    ("kernel_grad_products",
+     ("k * k tap products", "shifted copies, one product per row phase"),
+     True)])
 def test_ab_cpu_options_alternates_both_variants(compare, names, reverse):
   import ab_cpu_options  # pylint: disable=g-import-not-at-top
   out = ab_cpu_options.main(["--net=quickstart", "--method=kd",

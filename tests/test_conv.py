@@ -55,19 +55,21 @@ def test_kernel_grad_by_matmul_is_the_definition(case, chunk_images):
                              rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("k,p", [(3, 1), (3, 0), (3, 2), (2, 1)])
-def test_kernel_grads_of_non_square_images_are_the_definition(k, p):
-  # Rows and columns are shifted differently (the stride-1 products put
-  # the column shifts on the input and the row shifts on the gradient):
-  # square images would not tell a swapped axis.
+@pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 1, 0), (3, 1, 2), (2, 1, 1),
+                                   (3, 2, 1), (3, 2, 0), (4, 2, 1), (5, 3, 2),
+                                   (2, 3, 1), (1, 2, 0)])
+def test_kernel_grads_of_non_square_images_are_the_definition(k, s, p):
+  # Rows and columns are shifted differently (the columns on the input, the
+  # rows on the gradient, per row phase of the stride): square images
+  # would not tell a swapped axis.
   rng = np.random.default_rng(1)
-  x = rng.normal(size=(2, 4, 5, 7, 3)).astype(np.float32)
-  ho, wo = 5 + 2 * p - k + 1, 7 + 2 * p - k + 1
+  x = rng.normal(size=(2, 4, 8, 11, 3)).astype(np.float32)
+  ho, wo = (8 + 2 * p - k) // s + 1, (11 + 2 * p - k) // s + 1
   g = rng.normal(size=(2, 4, ho, wo, 2)).astype(np.float32)
-  got = conv.kernel_grads_by_matmul(jnp.asarray(x), jnp.asarray(g), k, 1, p,
-                                    chunk_bytes=2 * 5 * 7 * 3 * 4)
+  got = conv.kernel_grads_by_matmul(jnp.asarray(x), jnp.asarray(g), k, s, p,
+                                    chunk_bytes=2 * 8 * 11 * 3 * 4)
   for m in range(2):
-    np.testing.assert_allclose(got[m], _numpy_kernel_grad(x[m], g[m], k, 1, p),
+    np.testing.assert_allclose(got[m], _numpy_kernel_grad(x[m], g[m], k, s, p),
                                rtol=1e-5, atol=1e-4)
 
 

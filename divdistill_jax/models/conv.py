@@ -118,10 +118,25 @@ def num_chunks(images: int, bytes_per_image: int,
   return next(n for n in range(want, images + 1) if images % n == 0)
 
 
-def _tap_products(xc: jax.Array, gc: jax.Array, k: int, s: int,
-                  p: int) -> jax.Array:
-  """A chunk's kernel gradient as k * k products [C, R] x [R, D], one per
-  kernel tap (R = images x output pixels): any stride.
+def _chunk_kernel_grad(xc: jax.Array, gc: jax.Array, k: int, s: int,
+                       p: int) -> jax.Array:
+  """A chunk's kernel gradient in one matrix product per row phase.
+
+  Kernel tap (i, t) pairs padded input pixel (s h + i, s w + t) with output
+  pixel (h, w). The column shifts t go on the input, k strided copies side
+  by side: X[n, r, w, (t, c)] = x_pad[n, r, s w + t, c]. The row shifts go
+  on the gradient: with i = s q + f and u = h + q,
+
+    dW[s q + f, t, c, d] = sum_{n, u, w} X[n, s u + f, w, (t, c)]
+                                         g[n, u - q, w, d]
+
+  (g zero outside its rows), so each row phase f < s is one product
+  [k C, R] x [R, Q D] of the input's rows s u + f and Q row-shifted
+  copies of g side by side. A stride-1 convolution is one product
+  [k C, R] x [R, k D]: 2 k copies of the chunk instead of k * k tap
+  copies, and products k times wider than one per tap, a shape XLA:CPU's
+  matrix products run two to four times faster (experiments/BENCHMARKS.md,
+  "CPU step"). The rows of padding a phase adds are multiplied too.
 
   Args:
     xc: the chunk's input [N, H, W, C].
@@ -134,50 +149,26 @@ def _tap_products(xc: jax.Array, gc: jax.Array, k: int, s: int,
   c, d = xc.shape[-1], gc.shape[-1]
   _, ho, wo, _ = gc.shape
   xp = jnp.pad(xc, ((0, 0), (p, p), (p, p), (0, 0)))
-  gm = gc.reshape(-1, d)
-  taps = [xp[:, i:i + s * (ho - 1) + 1:s, t:t + s * (wo - 1) + 1:s, :]
-          for i in range(k) for t in range(k)]
-  prods = [jnp.dot(tap.reshape(-1, c).T, gm,
-                   preferred_element_type=jnp.float32) for tap in taps]
-  return jnp.stack(prods).reshape(k, k, c, d)
-
-
-def _shift_products(xc: jax.Array, gc: jax.Array, k: int,
-                    p: int) -> jax.Array:
-  """A chunk's kernel gradient of a stride-1 convolution as one product.
-
-  With the padded rows r = h + i,
-
-    dW[i, t, c, d] = sum_{n, r, w} x_pad[n, r, w + t, c] g[n, r - i, w, d]
-
-  (g zero outside its rows): the column shifts t go on the input, k
-  copies side by side X[n, r, w, (t, c)], and the row shifts i on the
-  gradient, G[n, r, w, (i, d)]. One product X^T G [k C, k D] holds every
-  tap in its (t, i) blocks. That is 2 k copies of the chunk instead of
-  k * k tap copies, and a product k times wider on each side, a shape
-  XLA:CPU's matrix products run two to four times faster at
-  (experiments/BENCHMARKS.md, "CPU step").
-
-  Args:
-    xc: the chunk's input [N, H, W, C].
-    gc: its output gradient [N, H', W', D], H' = H + 2p - k + 1.
-    k, p: kernel size and padding.
-
-  Returns:
-    [k, k, C, D] in float32.
-  """
-  c, d = xc.shape[-1], gc.shape[-1]
-  hp, wo = xc.shape[1] + 2 * p, gc.shape[2]
-  xp = jnp.pad(xc, ((0, 0), (p, p), (p, p), (0, 0)))
-  cols = jnp.concatenate([xp[:, :, t:t + wo] for t in range(k)], axis=-1)
-  gp = jnp.pad(gc, ((0, 0), (k - 1, k - 1), (0, 0), (0, 0)))
-  rows = jnp.concatenate([gp[:, k - 1 - i:k - 1 - i + hp] for i in range(k)],
+  cols = jnp.concatenate([xp[:, :, t:t + s * (wo - 1) + 1:s] for t in range(k)],
                          axis=-1)
-  prod = jax.lax.dot_general(cols.reshape(-1, k * c), rows.reshape(-1, k * d),
-                             (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-  # [(t, c), (i, d)] -> [i, t, c, d].
-  return jnp.transpose(prod.reshape(k, c, k, d), (2, 0, 1, 3))
+  taps = [None] * k
+  for f in range(min(s, k)):
+    shifts = -(-(k - f) // s)  # the q with s q + f < k
+    rows = ho + shifts - 1  # the u that meet some row of g
+    xf = cols[:, f:f + s * (rows - 1) + 1:s]
+    # Rows past the padded input meet only g's zero rows.
+    xf = jnp.pad(xf, ((0, 0), (0, rows - xf.shape[1]), (0, 0), (0, 0)))
+    gp = jnp.pad(gc, ((0, 0), (shifts - 1, shifts - 1), (0, 0), (0, 0)))
+    gq = jnp.concatenate([gp[:, shifts - 1 - q:shifts - 1 - q + rows]
+                          for q in range(shifts)], axis=-1)
+    prod = jax.lax.dot_general(xf.reshape(-1, k * c),
+                               gq.reshape(-1, shifts * d),
+                               (((0,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+    prod = prod.reshape(k, c, shifts, d)
+    for q in range(shifts):
+      taps[s * q + f] = prod[:, :, q]  # [t, c, d] of row tap s q + f
+  return jnp.stack(taps)
 
 
 def kernel_grads_by_matmul(x: jax.Array, g: jax.Array, kernel_size: int,
@@ -189,7 +180,7 @@ def kernel_grads_by_matmul(x: jax.Array, g: jax.Array, kernel_size: int,
   one chunk of one member: chunk j of member m holds its images j, j + n,
   j + 2n, ... (n chunks per member), so when the image axis is split over
   devices every device keeps its own images in every chunk. A chunk's sum
-  is `_shift_products` for stride 1, `_tap_products` otherwise.
+  is `_chunk_kernel_grad`.
 
   Args:
     x: the convolution's input [M, B, H, W, C].
@@ -223,10 +214,7 @@ def kernel_grads_by_matmul(x: jax.Array, g: jax.Array, kernel_size: int,
                                (member, 0, j, 0, 0, 0),
                                (1, b // n, 1, ho, wo, d))
     xc, gc = xc.reshape(b // n, h, w, c), gc.reshape(b // n, ho, wo, d)
-    if s == 1:
-      update = _shift_products(xc, gc, k, p)[None]
-    else:
-      update = _tap_products(xc, gc, k, s, p)[None]
+    update = _chunk_kernel_grad(xc, gc, k, s, p)[None]
     if m == 1:
       return acc + update
     start = (member, 0, 0, 0, 0)
