@@ -135,7 +135,7 @@ def _chunk_kernel_grad(xc: jax.Array, gc: jax.Array, k: int, s: int,
   copies of g side by side. A stride-1 convolution is one product
   [k C, R] x [R, k D]: 2 k copies of the chunk instead of k * k tap
   copies, and products k times wider than one per tap, a shape XLA:CPU's
-  matrix products run two to four times faster (experiments/BENCHMARKS.md,
+  matrix products run about twice as fast (experiments/BENCHMARKS.md,
   "CPU step"). The rows of padding a phase adds are multiplied too.
 
   Args:
