@@ -20,6 +20,8 @@ hypervisor's steal ticks over the run (`/proc/stat`). `--compare`:
 
 `--reverse` builds and runs the variants in the other order: which one
 runs first in a round can favour it on these VMs, so compare both orders.
+`--teacher` times the teachers' step (M members, unrolled) instead of a
+student's (`--method` is then ignored).
 
   python experiments/ab_cpu_options.py --method=kd --rounds=6
   python experiments/ab_cpu_options.py --compare=fast_weight_grads
@@ -105,14 +107,17 @@ def main(argv=None) -> dict:
                                "kernel_grad_products"))
   parser.add_argument("--reverse", action="store_true",
                       help="build and run the variants in the other order")
+  parser.add_argument("--teacher", action="store_true",
+                      help="the teachers' step instead of a student's")
   args = parser.parse_args(argv)
   # pylint: disable=g-import-not-at-top
   import jax
   jax.config.update("jax_threefry_partitionable", True)
   import benchmark
+  prefix = (f"teacher {args.net} " if args.teacher
+            else f"student {args.net} {args.method} ")
   case = next(c for c in benchmark.cpu_cases(["float32"])
-              if c.kind == "student" and c.kernel_grad == "auto"
-              and c.name.startswith(f"student {args.net} {args.method} "))
+              if c.kernel_grad == "auto" and c.name.startswith(prefix))
   key = jax.random.key(0)
   builds, states, times = {}, {}, {}
   variants = list(_variants(args.compare).items())

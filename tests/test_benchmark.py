@@ -95,21 +95,22 @@ def test_the_rate_counts_model_flops_and_times_the_cases_gradient(
   assert ours_flops > row["gflop_per_step"] * 1e9  # the padding rows
 
 
-@pytest.mark.parametrize("compare,names,reverse", [
-    ("compiler_options", ("XLA defaults", "conv.compiler_options()"), False),
+@pytest.mark.parametrize("compare,names,more,case", [
+    ("compiler_options", ("XLA defaults", "conv.compiler_options()"), [],
+     "student quickstart kd 50x4"),
     ("fast_weight_grads", ("autodiff of x r, conv, y s",
-                           "conv.batch_ensemble_conv2d"), False),
+                           "conv.batch_ensemble_conv2d"), [],
+     "student quickstart kd 50x4"),
     ("kernel_grad_products",
-     ("k * k tap products", "shifted copies, one product per row phase"),
-     True)])
-def test_ab_cpu_options_alternates_both_variants(compare, names, reverse):
+     ("shifted copies, one product per row phase", "k * k tap products"),
+     ["--reverse", "--teacher"], "teacher quickstart M=4 b50 unroll")])
+def test_ab_cpu_options_alternates_both_variants(compare, names, more, case):
   import ab_cpu_options  # pylint: disable=g-import-not-at-top
   out = ab_cpu_options.main(["--net=quickstart", "--method=kd",
-                             "--rounds=2", f"--compare={compare}"]
-                            + ["--reverse"] * reverse)
-  assert out["case"] == "student quickstart kd 50x4"
+                             "--rounds=2", f"--compare={compare}", *more])
+  assert out["case"] == case
   assert out["compare"] == compare
   ran = [name for name in out if isinstance(out[name], dict)]
-  assert ran == list(names[::-1] if reverse else names)
+  assert ran == list(names)  # in the order run
   for name in names:
     assert len(out[name]["steps_ms"]) == 2 and out[name]["median_ms"] > 0
