@@ -242,13 +242,11 @@ def _measure(case: Case, repeats: int, flops_only: bool) -> dict:
   # The step's arithmetic as XLA's convolutions define it, the FLOPs the
   # official count has: what a CPU kernel gradient computes beyond that
   # (its products over padding rows, kernel-sized sums) is its cost, not
-  # work done, and would inflate its rate.
+  # work done, and would inflate its rate. The timed step, outside this
+  # block, is traced again with the case's gradient (`cpu_kernel_grad`).
   with conv.cpu_kernel_grad("xla"):
     step_flops = flops.count(task.step_fns[images.shape[axis]], task.state,
                              images, labels, key, *task.step_args)
-  # A jitted step keeps the gradient it was first traced with: trace the
-  # timed one again, with the case's.
-  jax.clear_caches()
   row = {**dataclasses.asdict(case), "images_per_step": task.images_per_step,
          "gflop_per_step": step_flops / 1e9,
          "gflop_per_image": step_flops / 1e9 / task.images_per_step}

@@ -168,6 +168,22 @@ def test_cpu_kernel_grad_xla_is_xlas_convolution():
       pass
 
 
+def test_one_jitted_function_follows_the_kernel_gradient_setting():
+  # The setting is part of jit's cache key: the same jitted function is
+  # traced again under another one (the benchmark counts FLOPs under 'xla'
+  # and then times the step under the case's setting).
+  x, w = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+  kernel_grad = jax.jit(jax.grad(lambda x, w: conv.conv2d(x, w, 1, 1).sum(),
+                                 1))
+  with conv.cpu_kernel_grad("xla"):
+    assert "while" not in kernel_grad.lower(x, w).as_text()
+  with conv.cpu_kernel_grad("matmul"):
+    assert "while" in kernel_grad.lower(x, w).as_text()
+    kernel_grad(x, w)
+  with conv.cpu_kernel_grad("xla"):
+    assert "while" not in kernel_grad.lower(x, w).as_text()
+
+
 def test_a_batchensemble_network_has_the_same_gradient_either_way():
   """The matrix-product kernel gradient inside a network (member scalings,
   BatchNorm in training mode) equals XLA's; strides are tested above."""

@@ -80,6 +80,6 @@ def test_the_plan_compiles_what_an_accelerator_runs(monkeypatch):
   from divdistill_jax.models import conv  # pylint: disable=g-import-not-at-top
   seen = []
   monkeypatch.setattr(plan, "_compile_case",
-                      lambda *a: seen.append(conv._CPU_KERNEL_GRAD[0]))  # pylint: disable=protected-access
+                      lambda *a: seen.append(conv._CPU_KERNEL_GRAD.value))  # pylint: disable=protected-access
   plan.compile_case(None, None, ["cpu"])
-  assert seen == ["xla"] and conv._CPU_KERNEL_GRAD[0] == "auto"  # pylint: disable=protected-access
+  assert seen == ["xla"] and conv._CPU_KERNEL_GRAD.value == "auto"  # pylint: disable=protected-access

@@ -43,8 +43,10 @@ MATMUL_MIN_BYTES = 1 << 20
 # How the kernel gradient is computed on CPU, read when a step is traced:
 # 'auto' (ours from MATMUL_MIN_BYTES of input up), 'matmul' (always ours)
 # or 'xla' (never; the benchmark's before/after). Set with `cpu_kernel_grad`.
+# Part of jit's cache key: a jitted step traced under one is traced again
+# under another.
 CPU_KERNEL_GRADS = ("auto", "matmul", "xla")
-_CPU_KERNEL_GRAD = ["auto"]
+_CPU_KERNEL_GRAD = jax.make_user_context("auto")
 # XLA:CPU (jaxlib 0.10) hands matrix products, reductions and convolutions
 # (those with 32 channels or more, in our tests) to YNNPACK. At the
 # ResNet-32 stage-2 and stage-3 shapes (512 images) its convolutions took
@@ -77,27 +79,23 @@ def compiler_options() -> dict[str, str] | None:
 
 @contextlib.contextmanager
 def cpu_kernel_grad(how: str):
-  """Traces steps inside the block with the CPU kernel gradient `how`.
+  """Runs steps inside the block with the CPU kernel gradient `how`.
 
-  It applies to functions traced in the block: a jitted function traced
-  before keeps the gradient it was traced with.
+  The setting is part of jit's cache key: a jitted function called in the
+  block is traced again if it was traced under another setting.
   """
   if how not in CPU_KERNEL_GRADS:
     raise ValueError(f"Unknown CPU kernel gradient {how!r}; use one of "
                      f"{CPU_KERNEL_GRADS}.")
-  before = _CPU_KERNEL_GRAD[0]
-  _CPU_KERNEL_GRAD[0] = how
-  try:
+  with _CPU_KERNEL_GRAD(how):
     yield
-  finally:
-    _CPU_KERNEL_GRAD[0] = before
 
 
 def _xla_kernel_grad(input_bytes: int) -> bool:
   """Whether a convolution with `input_bytes` of input keeps XLA's kernel
   gradient on every platform, as `cpu_kernel_grad` and MATMUL_MIN_BYTES
   say (read when the step is traced)."""
-  how = _CPU_KERNEL_GRAD[0]
+  how = _CPU_KERNEL_GRAD.value
   return how == "xla" or (how == "auto" and input_bytes < MATMUL_MIN_BYTES)
 
 
