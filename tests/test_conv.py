@@ -155,14 +155,14 @@ def test_conv2d_gradients_on_a_batch_split_over_devices():
 def test_cpu_kernel_grad_xla_is_xlas_convolution():
   x, w = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
 
-  def kernel_grad(x, w):  # A new function: jit caches what it traced.
+  def kernel_grad(x, w):
     return jax.grad(lambda x, w: conv.conv2d(x, w, 1, 1).sum(), 1)(x, w)
 
   with conv.cpu_kernel_grad("xla"):
     text = _hlo(kernel_grad, x, w)
   assert "while" not in text and "convolution" in text
   with conv.cpu_kernel_grad("matmul"):
-    assert "while" in _hlo(lambda x, w: kernel_grad(x, w), x, w)
+    assert "while" in _hlo(kernel_grad, x, w)
   with pytest.raises(ValueError, match="Unknown CPU kernel gradient"):
     with conv.cpu_kernel_grad("im2col"):
       pass
