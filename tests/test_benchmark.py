@@ -77,8 +77,7 @@ def test_the_rate_counts_model_flops_and_times_the_cases_gradient(
     monkeypatch):
   # FLOPs come from XLA's convolutions (what our CPU kernel gradient adds,
   # products over padding rows, is not counted), but the timed step must
-  # still be the case's: a jitted step keeps the gradient it was first
-  # traced with.
+  # still be the case's, traced again after the count.
   calls = []
   ours = conv.kernel_grads_by_matmul
   monkeypatch.setattr(conv, "kernel_grads_by_matmul",
