@@ -239,6 +239,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.logging.every_steps = 50
   c.logging.progress_bar = True
   c.compile_cache_dir = config_dict.placeholder(str)
+  # On a CPU, each step reuses the memory the last one freed
+  # (`runtime.keep_freed_cpu_memory`; the process keeps its peak memory).
+  c.cpu_keep_freed_memory = True
 
   c.pipeline = ml_collections.ConfigDict()
   c.pipeline.methods = ",".join(PIPELINE_METHODS)

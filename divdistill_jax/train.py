@@ -33,7 +33,8 @@ from divdistill_jax import (checkpointing, configlib, fileio, logging_utils,
 PyTree = Any
 # Config fields that may change between a run and its resumption.
 _RESUMABLE_FIELDS = ("logging", "checkpoint", "compile_cache_dir",
-                     "stop_after_step", "job", "pipeline", "parallel")
+                     "cpu_keep_freed_memory", "stop_after_step", "job",
+                     "pipeline", "parallel")
 # Where the inputs live is not what the run computes: a moved or copied
 # workdir, or another spelling of a path, resumes.
 _PATH_FIELDS = ("data.data_dir", "teacher.workdir")

@@ -41,7 +41,8 @@ class StageMismatch(WorkdirError):
 
 # Config sections that never change a stage's result.
 _NOT_RESULTS = ("job", "logging", "checkpoint", "compile_cache_dir",
-                "stop_after_step", "pipeline", "parallel")
+                "cpu_keep_freed_memory", "stop_after_step", "pipeline",
+                "parallel")
 # Fields that do not change a result either: paths, how members are
 # batched (equal results by construction), evaluation batching.
 _NOT_RESULT_FIELDS = ("data.data_dir", "teacher.workdir", "eval.batch_size",

@@ -238,6 +238,23 @@ MUTANTS = {
     "remat option ignored": _one(
         "divdistill_jax/models/resnet.py", "remat_block",
         'if remat == "none":', "if True:", "tests/test_accumulate.py"),
+    "kept CPU memory: computations still dispatched to another thread": _one(
+        "divdistill_jax/runtime.py", "keep_freed_cpu_memory",
+        '"jax_cpu_enable_async_dispatch", False',
+        '"jax_cpu_enable_async_dispatch", True', "tests/test_runtime.py"),
+    "kept CPU memory: the heap still maps large blocks": _one(
+        "divdistill_jax/runtime.py", "keep_freed_cpu_memory",
+        "libc.mallopt(_M_MMAP_MAX, 0)", "libc.mallopt(_M_MMAP_MAX, 65536)",
+        "tests/test_runtime.py"),
+    "kept CPU memory: the heap's top still trimmed": _one(
+        "divdistill_jax/runtime.py", "keep_freed_cpu_memory",
+        "libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)",
+        "libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)",
+        "tests/test_runtime.py"),
+    "setup_runtime ignores cpu_keep_freed_memory": _one(
+        "divdistill_jax/runtime.py", "setup_runtime",
+        "if config.cpu_keep_freed_memory:", "if True:",
+        "tests/test_runtime.py"),
 }
 
 
