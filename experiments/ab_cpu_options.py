@@ -112,7 +112,9 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   # pylint: disable=g-import-not-at-top
   import jax
+  from divdistill_jax import runtime
   jax.config.update("jax_threefry_partitionable", True)
+  runtime.keep_freed_cpu_memory()  # As a job does.
   import benchmark
   prefix = (f"teacher {args.net} " if args.teacher
             else f"student {args.net} {args.method} ")

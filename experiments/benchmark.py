@@ -495,6 +495,11 @@ def main(argv=None) -> dict:
   parser.add_argument("--plan", default=None,
                       help="plan.json of experiments/plan.py, for the rate "
                       "the input path must reach.")
+  parser.add_argument("--cpu_memory", default="keep",
+                      choices=("keep", "glibc"),
+                      help="keep: reuse freed memory between CPU steps, as "
+                      "a job does (runtime.keep_freed_cpu_memory); glibc: "
+                      "the C library's defaults.")
   args = parser.parse_args(argv)
   if "jax" not in sys.modules:
     os.environ["XLA_FLAGS"] = (
@@ -502,7 +507,10 @@ def main(argv=None) -> dict:
         + f" --xla_force_host_platform_device_count={args.host_devices}")
   # pylint: disable=g-import-not-at-top
   import jax
+  from divdistill_jax import runtime
   jax.config.update("jax_threefry_partitionable", True)
+  if args.cpu_memory == "keep":
+    runtime.keep_freed_cpu_memory()  # Before the backend starts.
   dtypes = (args.dtypes or ("float32" if args.quick or args.cpu
                             else "float32,bfloat16")).split(",")
   cases = (quick_cases(dtypes) if args.quick else
@@ -511,6 +519,7 @@ def main(argv=None) -> dict:
   header = {"device": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "jax": jax.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M"),
+            "cpu_memory": args.cpu_memory,
             "command": " ".join(["python experiments/benchmark.py",
                                  *(argv if argv is not None
                                    else sys.argv[1:])])}

@@ -159,7 +159,9 @@ def main(argv=None) -> dict:
       "--xla_dump_hlo_module_re=student_train_step"])
   # pylint: disable=g-import-not-at-top
   import jax
+  from divdistill_jax import runtime
   jax.config.update("jax_threefry_partitionable", True)
+  runtime.keep_freed_cpu_memory()  # As a job does.
   import benchmark
   from divdistill_jax import fileio
   from divdistill_jax.models import conv

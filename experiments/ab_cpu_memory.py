@@ -1,0 +1,123 @@
+"""A CPU step with and without `runtime.keep_freed_cpu_memory`, one process
+per run, alternated.
+
+The setting is per process (JAX's CPU client reads its dispatch setting
+when it is created), so unlike `ab_cpu_options.py` the two variants cannot
+share a process. This script runs `--rounds` rounds; in each it starts one
+process per variant, which builds the `benchmark.py` case, compiles it with
+one step and times `--steps` more. For every step it records the wall time
+and, from `getrusage`, the process's minor page faults and its system and
+user CPU seconds; each process reports its medians, its peak resident
+memory and the hypervisor's steal ticks over its run (`/proc/stat`).
+
+  python experiments/ab_cpu_memory.py --method=kd --rounds=3
+  python experiments/ab_cpu_memory.py --teacher --reverse
+
+Results: BENCHMARKS.md, "CPU step".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = {"glibc": "the C library's defaults",
+            "keep": "runtime.keep_freed_cpu_memory()"}
+
+
+def _steal_ticks() -> int:
+  with open("/proc/stat") as f:
+    return int(f.readline().split()[8])
+
+
+def _child(prefix: str, keep: bool, steps: int) -> dict:
+  """Times `steps` steps of the case named `prefix` in this process."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from divdistill_jax import runtime
+  jax.config.update("jax_threefry_partitionable", True)
+  if keep:
+    runtime.keep_freed_cpu_memory()
+  import benchmark
+  case = next(c for c in benchmark.cpu_cases(["float32"])
+              if c.kernel_grad == "auto" and c.name.startswith(prefix))
+  task, images, labels = benchmark.build(case)
+  key = jax.random.key(0)
+  state, _ = task.train_step(task.state, images, labels, key)  # Compiles.
+  jax.block_until_ready(state)
+  rows = []
+  for _ in range(steps):
+    before, start = resource.getrusage(resource.RUSAGE_SELF), \
+        time.perf_counter()
+    state, _ = task.train_step(state, images, labels, key)
+    jax.block_until_ready(state)
+    wall, after = time.perf_counter() - start, \
+        resource.getrusage(resource.RUSAGE_SELF)
+    rows.append({"ms": 1e3 * wall,
+                 "faults": after.ru_minflt - before.ru_minflt,
+                 "sys_s": after.ru_stime - before.ru_stime,
+                 "user_s": after.ru_utime - before.ru_utime})
+  out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+  out["steps_ms"] = [round(r["ms"]) for r in rows]
+  # ru_maxrss is in KiB on Linux.
+  out["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  out["case"] = case.name
+  return out
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--method", default="kd", choices=("kd", "confods"))
+  parser.add_argument("--net", default="resnet32",
+                      choices=("resnet32", "quickstart"))
+  parser.add_argument("--teacher", action="store_true",
+                      help="the teachers' step instead of a student's")
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--reverse", action="store_true",
+                      help="start the kept variant first in each round")
+  parser.add_argument("--child", choices=tuple(VARIANTS), default=None,
+                      help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  prefix = (f"teacher {args.net} " if args.teacher
+            else f"student {args.net} {args.method} ")
+  if args.child:
+    print(json.dumps(_child(prefix, args.child == "keep", args.steps)))
+    return {}
+  order = list(VARIANTS)[::-1] if args.reverse else list(VARIANTS)
+  runs = {v: [] for v in VARIANTS}
+  for r in range(args.rounds):
+    for variant in order:
+      steal = _steal_ticks()
+      proc = subprocess.run(
+          [sys.executable, os.path.abspath(__file__), f"--child={variant}",
+           f"--method={args.method}", f"--net={args.net}",
+           f"--steps={args.steps}", *(["--teacher"] if args.teacher else [])],
+          check=True, capture_output=True, text=True)
+      run = json.loads(proc.stdout.strip().splitlines()[-1])
+      run["steal_ticks"] = _steal_ticks() - steal
+      runs[variant].append(run)
+      print(f"round {r + 1} {variant:5s} {run['case']}: median "
+            f"{run['ms']:,.0f} ms {run['steps_ms']}, minor faults "
+            f"{run['faults']:,.0f}, sys {run['sys_s']:.2f} s, user "
+            f"{run['user_s']:.2f} s, peak {run['peak_gib']:.2f} GiB, steal "
+            f"{run['steal_ticks']}", flush=True)
+  out = {"prefix": prefix, "order": order, "runs": runs}
+  for variant in VARIANTS:
+    medians = [run["ms"] for run in runs[variant]]
+    print(f"{VARIANTS[variant]}: median of the runs' medians "
+          f"{statistics.median(medians):,.0f} ms "
+          f"({', '.join(f'{m:,.0f}' for m in medians)})")
+  return out
+
+
+if __name__ == "__main__":
+  main()
