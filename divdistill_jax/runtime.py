@@ -42,12 +42,11 @@ def keep_freed_cpu_memory() -> bool:
 
   The costs: the process keeps its peak heap until it exits, and Python
   waits for each CPU computation to finish before it goes on (the next
-  batch is prepared after the step, not during it). Call
-  it before JAX starts its backend (after `jax.distributed.initialize`):
-  the client reads the dispatch setting when it is created. The dispatch
-  setting concerns computations on the CPU only; the heap settings are
-  applied only when the default backend is the CPU and the C library is
-  glibc.
+  batch is prepared after the step, not during it). Call it before JAX
+  starts its backend (after `jax.distributed.initialize`): the client
+  reads the dispatch setting when it is created. The dispatch setting
+  concerns computations on the CPU only; the heap settings are applied
+  only when the default backend is the CPU and the C library is glibc.
 
   Returns:
     Whether the heap settings were applied.

@@ -29,38 +29,36 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from ab_cpu_options import cpu_case, steal_ticks  # noqa: E402
+
 VARIANTS = {"glibc": "the C library's defaults",
             "keep": "runtime.keep_freed_cpu_memory()"}
 
 
-def _steal_ticks() -> int:
-  with open("/proc/stat") as f:
-    return int(f.readline().split()[8])
+def _usage():
+  return resource.getrusage(resource.RUSAGE_SELF)
 
 
-def _child(prefix: str, keep: bool, steps: int) -> dict:
-  """Times `steps` steps of the case named `prefix` in this process."""
+def _child(args: argparse.Namespace) -> dict:
+  """Times `args.steps` steps of the case in this process."""
   # pylint: disable=g-import-not-at-top
   import jax
   from divdistill_jax import runtime
   jax.config.update("jax_threefry_partitionable", True)
-  if keep:
+  if args.child == "keep":
     runtime.keep_freed_cpu_memory()
   import benchmark
-  case = next(c for c in benchmark.cpu_cases(["float32"])
-              if c.kernel_grad == "auto" and c.name.startswith(prefix))
+  case = cpu_case(args.net, args.method, args.teacher)
   task, images, labels = benchmark.build(case)
   key = jax.random.key(0)
   state, _ = task.train_step(task.state, images, labels, key)  # Compiles.
   jax.block_until_ready(state)
   rows = []
-  for _ in range(steps):
-    before, start = resource.getrusage(resource.RUSAGE_SELF), \
-        time.perf_counter()
+  for _ in range(args.steps):
+    before, start = _usage(), time.perf_counter()
     state, _ = task.train_step(state, images, labels, key)
     jax.block_until_ready(state)
-    wall, after = time.perf_counter() - start, \
-        resource.getrusage(resource.RUSAGE_SELF)
+    wall, after = time.perf_counter() - start, _usage()
     rows.append({"ms": 1e3 * wall,
                  "faults": after.ru_minflt - before.ru_minflt,
                  "sys_s": after.ru_stime - before.ru_stime,
@@ -68,7 +66,7 @@ def _child(prefix: str, keep: bool, steps: int) -> dict:
   out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
   out["steps_ms"] = [round(r["ms"]) for r in rows]
   # ru_maxrss is in KiB on Linux.
-  out["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  out["peak_gib"] = _usage().ru_maxrss / 2**20
   out["case"] = case.name
   return out
 
@@ -87,30 +85,28 @@ def main(argv=None) -> dict:
   parser.add_argument("--child", choices=tuple(VARIANTS), default=None,
                       help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  prefix = (f"teacher {args.net} " if args.teacher
-            else f"student {args.net} {args.method} ")
   if args.child:
-    print(json.dumps(_child(prefix, args.child == "keep", args.steps)))
+    print(json.dumps(_child(args)))
     return {}
   order = list(VARIANTS)[::-1] if args.reverse else list(VARIANTS)
   runs = {v: [] for v in VARIANTS}
   for r in range(args.rounds):
     for variant in order:
-      steal = _steal_ticks()
+      steal = steal_ticks()
       proc = subprocess.run(
           [sys.executable, os.path.abspath(__file__), f"--child={variant}",
            f"--method={args.method}", f"--net={args.net}",
            f"--steps={args.steps}", *(["--teacher"] if args.teacher else [])],
           check=True, capture_output=True, text=True)
       run = json.loads(proc.stdout.strip().splitlines()[-1])
-      run["steal_ticks"] = _steal_ticks() - steal
+      run["steal_ticks"] = steal_ticks() - steal
       runs[variant].append(run)
       print(f"round {r + 1} {variant:5s} {run['case']}: median "
             f"{run['ms']:,.0f} ms {run['steps_ms']}, minor faults "
             f"{run['faults']:,.0f}, sys {run['sys_s']:.2f} s, user "
             f"{run['user_s']:.2f} s, peak {run['peak_gib']:.2f} GiB, steal "
             f"{run['steal_ticks']}", flush=True)
-  out = {"prefix": prefix, "order": order, "runs": runs}
+  out = {"order": order, "runs": runs}
   for variant in VARIANTS:
     medians = [run["ms"] for run in runs[variant]]
     print(f"{VARIANTS[variant]}: median of the runs' medians "

@@ -43,9 +43,20 @@ from unittest import mock
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def _steal_ticks() -> int:
+def steal_ticks() -> int:
+  """The hypervisor's steal ticks so far, all CPUs (`/proc/stat`)."""
   with open("/proc/stat") as f:
     return int(f.readline().split()[8])
+
+
+def cpu_case(net: str, method: str, teacher: bool):
+  """The float32 `benchmark.py` CPU case of `net` with our kernel gradient:
+  the teachers' step, or the student step of `method`."""
+  # pylint: disable-next=g-import-not-at-top
+  import benchmark
+  prefix = f"teacher {net} " if teacher else f"student {net} {method} "
+  return next(c for c in benchmark.cpu_cases(["float32"])
+              if c.kernel_grad == "auto" and c.name.startswith(prefix))
 
 
 def _three_step_batch_ensemble_conv2d(x, kernel, r, s, strides, padding,
@@ -116,10 +127,7 @@ def main(argv=None) -> dict:
   jax.config.update("jax_threefry_partitionable", True)
   runtime.keep_freed_cpu_memory()  # As a job does.
   import benchmark
-  prefix = (f"teacher {args.net} " if args.teacher
-            else f"student {args.net} {args.method} ")
-  case = next(c for c in benchmark.cpu_cases(["float32"])
-              if c.kernel_grad == "auto" and c.name.startswith(prefix))
+  case = cpu_case(args.net, args.method, args.teacher)
   key = jax.random.key(0)
   builds, states, times = {}, {}, {}
   variants = list(_variants(args.compare).items())
@@ -130,14 +138,14 @@ def main(argv=None) -> dict:
                                         key)  # traces and compiles
       jax.block_until_ready(states[name])
     times[name] = []
-  steal = _steal_ticks()
+  steal = steal_ticks()
   for _ in range(args.rounds):
     for name, (task, images, labels) in builds.items():
       start = time.perf_counter()
       states[name], _ = task.train_step(states[name], images, labels, key)
       jax.block_until_ready(states[name])
       times[name].append(round(1e3 * (time.perf_counter() - start)))
-  steal = _steal_ticks() - steal
+  steal = steal_ticks() - steal
   out = {"case": case.name, "compare": args.compare, "steal_ticks": steal}
   print(f"{case.name}, {args.rounds} rounds alternating, steal ticks "
         f"{steal}:")

@@ -113,3 +113,15 @@ def test_ab_cpu_options_alternates_both_variants(compare, names, more, case):
   assert ran == list(names)  # in the order run
   for name in names:
     assert len(out[name]["steps_ms"]) == 2 and out[name]["median_ms"] > 0
+
+
+def test_ab_cpu_memory_runs_one_process_per_variant_in_order():
+  import ab_cpu_memory  # pylint: disable=g-import-not-at-top
+  out = ab_cpu_memory.main(["--net=quickstart", "--method=kd", "--rounds=1",
+                            "--steps=2", "--reverse"])
+  assert out["order"] == ["keep", "glibc"]
+  for variant in ("keep", "glibc"):
+    (run,) = out["runs"][variant]
+    assert run["case"] == "student quickstart kd 50x4"
+    assert len(run["steps_ms"]) == 2 and run["ms"] > 0
+    assert run["faults"] >= 0 and run["peak_gib"] > 0
