@@ -120,6 +120,34 @@ def summarise(trace_dir: str, hlo_text: str) -> dict:
           for k in KINDS}
 
 
+def idle_after(trace_dir: str, hlo_text: str) -> dict:
+  """Time (ms) with no thunk running on any thread, by the kind of the thunk
+  that finished last before it.
+
+  XLA's Eigen convolutions and YNNPACK's matrix products also run on
+  threads the trace does not record, so their time shows as such gaps after
+  their own (short) thunk events; the executor's loop and dispatch
+  overheads fall in gaps too.
+  """
+  path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"),
+                   recursive=True)[0]
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names, kinds = _instructions(hlo_text), _line_kinds(hlo_text)
+  thunks = sorted((e["ts"], e["ts"] + e.get("dur", 0),
+                   kinds.get(e["name"], KINDS[2])) for e in events
+                  if e.get("ph") == "X" and e["name"] in names)
+  idle = dict.fromkeys(KINDS, 0.0)
+  end, last = None, None
+  for start, stop, kind in thunks:
+    if end is not None and start > end:
+      idle[last] += (start - end) / 1e3
+    if end is None or stop >= end:
+      end, last = stop, kind
+  return {k: round(v, 1) for k, v in idle.items()}
+
+
 def markdown(row: dict) -> str:
   out = [f"{row['case']}: steps {row['steps_ms']} ms (median "
          f"{row['median_ms']:,.0f}); traced step's thunks by phase and kind "
@@ -134,8 +162,13 @@ def markdown(row: dict) -> str:
              + f" | {sum(sums):,.0f} |")
   out += ["", f"The traced step took {row['traced_ms']:,.0f} ms; "
           f"{row['traced_ms'] - sum(sums):,.0f} ms of it is in no thunk "
-          "event (XLA's Eigen convolutions record only their dispatch; "
-          "negative when thunks overlap)."]
+          "event (work the trace does not record: XLA's Eigen "
+          "convolutions record only their dispatch; negative when thunks "
+          "overlap)."]
+  if "idle_ms" in row:
+    out += ["", "Time with no thunk running, by the kind of the thunk that "
+            "finished last before it (ms): " + ", ".join(
+                f"{k} {v:,.0f}" for k, v in row["idle_ms"].items()) + "."]
   return "\n".join(out)
 
 
@@ -193,7 +226,8 @@ def main(argv=None) -> dict:
   steps = [round(t) for t in times[1:]]
   row = {"case": case.name, "steps_ms": steps,
          "median_ms": statistics.median(steps), "traced_ms": round(traced),
-         "ms": summarise(trace_dir, hlo)}
+         "ms": summarise(trace_dir, hlo),
+         "idle_ms": idle_after(trace_dir, hlo)}
   text = markdown(row)
   print(text)
   fileio.write_json(os.path.join(args.out, "profile.json"), row, indent=2)

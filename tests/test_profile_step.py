@@ -83,6 +83,30 @@ def test_summarise_sums_thunks_by_phase_and_kind(tmp_path):
   assert "took 10 ms; 3 ms of it is in no thunk event" in text
 
 
+def test_idle_time_goes_to_the_kind_of_the_thunk_before_it(tmp_path):
+  events = [  # times in us
+      {"ph": "X", "name": "ynn_fusion.1", "ts": 0, "dur": 1000},
+      # 3 ms with nothing recorded after the convolution's dispatch.
+      {"ph": "X", "name": "dot.7", "ts": 4000, "dur": 1000},
+      # Overlaps the product and ends after it: the next gap is its.
+      {"ph": "X", "name": "multiply_fusion.3", "ts": 4500, "dur": 1500},
+      # An executor span is not a thunk: it hides no gap.
+      {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 99000},
+      {"ph": "X", "name": "dot.7", "ts": 6500, "dur": 500},
+      {"ph": "X", "name": "ynn_fusion.2", "ts": 9000, "dur": 100},
+  ]
+  idle = profile_step.idle_after(_trace(tmp_path, events), HLO)
+  conv, dot, other = profile_step.KINDS
+  assert idle == {conv: 3.0, other: 0.5, dot: 2.0}
+  text = profile_step.markdown({"case": "c", "steps_ms": [1], "median_ms": 1,
+                                "traced_ms": 10, "ms": {
+                                    f"{p} | {k}": 0.0
+                                    for p in profile_step.PHASES
+                                    for k in profile_step.KINDS},
+                                "idle_ms": idle})
+  assert text.endswith(f"(ms): {conv} 3, {dot} 2, {other} 0.")
+
+
 def _name_stacks(jaxpr, out):
   for eqn in jaxpr.eqns:
     out.append((eqn.primitive.name, str(eqn.source_info.name_stack)))
