@@ -255,6 +255,13 @@ MUTANTS = {
         "divdistill_jax/runtime.py", "setup_runtime",
         "if config.cpu_keep_freed_memory:", "if True:",
         "tests/test_runtime.py"),
+    "profile: idle time credited to the thunk after it": _one(
+        "experiments/profile_step.py", "idle_after",
+        "idle[last] += (start - end) / 1e3",
+        "idle[kind] += (start - end) / 1e3", "tests/test_profile_step.py"),
+    "cpu_parts: convolution totals not weighted by their counts": _one(
+        "experiments/cpu_parts.py", "_with_totals",
+        "n * times[", "times[", "tests/test_cpu_parts.py"),
 }
 
 
