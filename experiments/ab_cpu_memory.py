@@ -7,11 +7,14 @@ share a process. This script runs `--rounds` rounds; in each it starts one
 process per variant, which builds the `benchmark.py` case, compiles it with
 one step and times `--steps` more. For every step it records the wall time
 and, from `getrusage`, the process's minor page faults and its system and
-user CPU seconds; each process reports its medians, its peak resident
-memory and the hypervisor's steal ticks over its run (`/proc/stat`).
+user CPU seconds, and its resident memory after the step (whether a kept
+heap keeps growing over a long run: `--steps=40`); each process reports
+its medians, its peak resident memory and the hypervisor's steal ticks
+over its run (`/proc/stat`).
 
   python experiments/ab_cpu_memory.py --method=kd --rounds=3
   python experiments/ab_cpu_memory.py --teacher --reverse
+  python experiments/ab_cpu_memory.py --method=kd --rounds=1 --steps=40
 
 Results: BENCHMARKS.md, "CPU step".
 """
@@ -39,6 +42,13 @@ def _usage():
   return resource.getrusage(resource.RUSAGE_SELF)
 
 
+def _resident_gib() -> float:
+  """This process's resident memory now (`/proc/self/statm`)."""
+  with open("/proc/self/statm") as f:
+    pages = int(f.read().split()[1])
+  return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def _child(args: argparse.Namespace) -> dict:
   """Times `args.steps` steps of the case in this process."""
   # pylint: disable=g-import-not-at-top
@@ -62,9 +72,13 @@ def _child(args: argparse.Namespace) -> dict:
     rows.append({"ms": 1e3 * wall,
                  "faults": after.ru_minflt - before.ru_minflt,
                  "sys_s": after.ru_stime - before.ru_stime,
-                 "user_s": after.ru_utime - before.ru_utime})
-  out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                 "user_s": after.ru_utime - before.ru_utime,
+                 "rss_gib": _resident_gib()})
+  out = {k: statistics.median(r[k] for r in rows) for k in rows[0]
+         if k != "rss_gib"}
   out["steps_ms"] = [round(r["ms"]) for r in rows]
+  # Resident memory after each step: whether a kept heap keeps growing.
+  out["rss_gib_steps"] = [round(r["rss_gib"], 3) for r in rows]
   # ru_maxrss is in KiB on Linux.
   out["peak_gib"] = _usage().ru_maxrss / 2**20
   out["case"] = case.name
@@ -104,8 +118,10 @@ def main(argv=None) -> dict:
       print(f"round {r + 1} {variant:5s} {run['case']}: median "
             f"{run['ms']:,.0f} ms {run['steps_ms']}, minor faults "
             f"{run['faults']:,.0f}, sys {run['sys_s']:.2f} s, user "
-            f"{run['user_s']:.2f} s, peak {run['peak_gib']:.2f} GiB, steal "
-            f"{run['steal_ticks']}", flush=True)
+            f"{run['user_s']:.2f} s, peak {run['peak_gib']:.2f} GiB, "
+            f"resident after the first / last step "
+            f"{run['rss_gib_steps'][0]:.2f} / {run['rss_gib_steps'][-1]:.2f} "
+            f"GiB, steal {run['steal_ticks']}", flush=True)
   out = {"order": order, "runs": runs}
   for variant in VARIANTS:
     medians = [run["ms"] for run in runs[variant]]

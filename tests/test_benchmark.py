@@ -125,3 +125,6 @@ def test_ab_cpu_memory_runs_one_process_per_variant_in_order():
     assert run["case"] == "student quickstart kd 50x4"
     assert len(run["steps_ms"]) == 2 and run["ms"] > 0
     assert run["faults"] >= 0 and run["peak_gib"] > 0
+    # Resident memory after each step, never above the process's peak.
+    assert len(run["rss_gib_steps"]) == 2
+    assert 0 < max(run["rss_gib_steps"]) <= run["peak_gib"] + 1e-3
