@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -102,20 +103,25 @@ def phase_of(op_name: str) -> str:
   return PHASES[3]
 
 
-def summarise(trace_dir: str, hlo_text: str) -> dict:
-  """Thunk time (ms) by (phase, kind) from a perfetto trace of one step."""
+@functools.lru_cache(maxsize=1)
+def _thunks(trace_dir: str, hlo_text: str) -> list[tuple[dict, str, str]]:
+  """(event, op name, kind) of each executed thunk in the perfetto trace of
+  one step; read once for `summarise` and `idle_after`."""
   path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"),
                    recursive=True)[0]
   with gzip.open(path) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   names, kinds = _instructions(hlo_text), _line_kinds(hlo_text)
+  return [(e, names[e["name"]], kinds.get(e["name"], KINDS[2]))
+          for e in events if e.get("ph") == "X" and e["name"] in names]
+
+
+def summarise(trace_dir: str, hlo_text: str) -> dict:
+  """Thunk time (ms) by (phase, kind) from a perfetto trace of one step."""
   table = collections.Counter()
-  for e in events:
-    if e.get("ph") != "X" or e["name"] not in names:
-      continue
-    table[(phase_of(names[e["name"]]), kinds.get(e["name"], KINDS[2]))] += (
-        e.get("dur", 0) / 1e3)
+  for e, op_name, kind in _thunks(trace_dir, hlo_text):
+    table[(phase_of(op_name), kind)] += e.get("dur", 0) / 1e3
   return {f"{p} | {k}": round(table[(p, k)], 1) for p in PHASES
           for k in KINDS}
 
@@ -129,15 +135,8 @@ def idle_after(trace_dir: str, hlo_text: str) -> dict:
   their own (short) thunk events; the executor's loop and dispatch
   overheads fall in gaps too.
   """
-  path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"),
-                   recursive=True)[0]
-  with gzip.open(path) as f:
-    trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  names, kinds = _instructions(hlo_text), _line_kinds(hlo_text)
-  thunks = sorted((e["ts"], e["ts"] + e.get("dur", 0),
-                   kinds.get(e["name"], KINDS[2])) for e in events
-                  if e.get("ph") == "X" and e["name"] in names)
+  thunks = sorted((e["ts"], e["ts"] + e.get("dur", 0), kind)
+                  for e, _, kind in _thunks(trace_dir, hlo_text))
   idle = dict.fromkeys(KINDS, 0.0)
   end, last = None, None
   for start, stop, kind in thunks:
