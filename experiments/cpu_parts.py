@@ -116,19 +116,9 @@ def _official(giung2: str, repeats: int, images: int = B) -> dict:
   """{part: ms} of the official PyTorch code."""
   # pylint: disable=g-import-not-at-top
   import torch_reference
-  sys.path.insert(0, giung2)
-  import collections
-  import collections.abc
-  collections.Iterable = collections.abc.Iterable  # giung2 needs it
+  teachers, student, _ = torch_reference.build_official(giung2, threads=2)
   import torch
   import torch.nn.functional as F  # noqa: N812
-  from giung2.config import get_cfg
-  from giung2.modeling.build import build_model
-  torch.set_num_threads(2)
-  torch.manual_seed(0)
-  teachers = [build_model(torch_reference._cfg(get_cfg, False)).eval()  # pylint: disable=protected-access
-              for _ in range(M)]
-  student = build_model(torch_reference._cfg(get_cfg, True)).train()  # pylint: disable=protected-access
   x = torch.rand(M * images, 3, 32, 32)
   y = torch.randint(0, K, (M * images,))
 

@@ -70,6 +70,34 @@ def _cfg(get_cfg, batch_ensemble: bool):
   return cfg
 
 
+def build_official(giung2: str, threads: int):
+  """The official networks and optimiser, from giung2's own builders.
+
+  Args:
+    giung2: a checkout of github.com/cs-giung/giung2.
+    threads: PyTorch's CPU threads.
+
+  Returns:
+    (teachers: M plain ResNet-32s in eval mode, student: the BE-M ResNet-32
+    in training mode, its optimiser), built after `torch.manual_seed(0)`.
+  """
+  sys.path.insert(0, giung2)
+  import collections.abc  # pylint: disable=g-import-not-at-top
+  # giung2's optimiser package imports `collections.Iterable`, gone since
+  # Python 3.10.
+  collections.Iterable = collections.abc.Iterable
+  import torch  # pylint: disable=g-import-not-at-top
+  from giung2.config import get_cfg  # pylint: disable=g-import-not-at-top
+  from giung2.modeling.build import build_model
+  from giung2.solver.build import build_optimizer
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  teachers = [build_model(_cfg(get_cfg, False)).eval() for _ in range(M)]
+  student_cfg = _cfg(get_cfg, True)
+  student = build_model(student_cfg).train()
+  return teachers, student, build_optimizer(student_cfg, student)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--giung2", required=True,
@@ -83,25 +111,12 @@ def main() -> None:
                       help="Also print torch.profiler's table of one more "
                       "step per method, by ATen operator.")
   args = parser.parse_args()
-  sys.path.insert(0, args.giung2)
-  import collections.abc  # pylint: disable=g-import-not-at-top
-  # giung2's optimiser package imports `collections.Iterable`, gone since
-  # Python 3.10.
-  collections.Iterable = collections.abc.Iterable
+  teachers, student, optimizer = build_official(args.giung2, args.threads)
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # noqa: N812
-  from giung2.config import get_cfg  # pylint: disable=g-import-not-at-top
-  from giung2.modeling.build import build_model
-  from giung2.solver.build import build_optimizer
 
   with open(args.flops_from) as f:
     gflop = {r["name"]: r["gflop_per_step"] for r in json.load(f)["rows"]}
-  torch.set_num_threads(args.threads)
-  torch.manual_seed(0)
-  teachers = [build_model(_cfg(get_cfg, False)).eval() for _ in range(M)]
-  student_cfg = _cfg(get_cfg, True)
-  student = build_model(student_cfg).train()
-  optimizer = build_optimizer(student_cfg, student)
   images = torch.rand(B, 3, 32, 32)
   labels = torch.randint(0, K, (B,))
 
