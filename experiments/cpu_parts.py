@@ -90,12 +90,14 @@ def _ours(repeats: int, images: int = B) -> dict:
       PARTS[2]: (jax.jit(jax.grad(loss), compiler_options=opts),
                  svars["params"], x, y),
   }
+  def flat(a):  # [M, N, ...] -> [M N, ...]: all members' images at once
+    return a.reshape(-1, *a.shape[2:])
+
   for (size, c, d, s), _ in CONVS:
     xi = jax.random.normal(jax.random.key(4), (M, images, size, size, c))
     w = jax.random.normal(jax.random.key(5), (3, 3, c, d))
     g = jax.random.normal(jax.random.key(6),
                           (M, images, size // s, size // s, d))
-    flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
     name = f"{size}x{size}x{c}->{d}/{s}"
     fns[f"{name} forward"] = (jax.jit(
         lambda x, w, s=s: conv.conv2d(flat(x), w, s, 1),
